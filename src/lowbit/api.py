@@ -1,0 +1,224 @@
+"""``prepare`` and ``convert``: walk the modules, match rules, swap layers, report the layer table.
+
+``prepare(model, config, calib)`` replaces every ``nn.Linear`` / ``nn.Conv2d`` (unless a rule skips it)
+by its quantized module, in place, reusing the original parameters; creates every quantizer's state;
+initialises weight ranges from the weights and activation ranges from the calibration batches. After it
+returns, an optimizer can be built: nothing is created later.
+
+``convert(model)`` returns a model of integer modules whose eval outputs equal the fake-quant model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.config import INHERIT, QuantConfig, QuantSpec, Rule
+from lowbit.errors import ConfigError
+from lowbit.export.intmodules import INT_MODULES
+from lowbit.quant.calibrate import init_range
+from lowbit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from lowbit.quant.quantizer import Quantizer
+
+__all__ = ["prepare", "convert", "layer_table", "quantized_layers", "calibrate"]
+
+log = logging.getLogger(__name__)
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear | QuantConv2d):
+            raise ConfigError(f"module {name!r} is already quantized: call lowbit.prepare once per model")
+        if type(mod) in QUANT_MODULES:
+            out.append((name, mod))
+    return out
+
+
+def _resolve(spec: QuantSpec | None | str, default: QuantSpec | None) -> QuantSpec | None:
+    return default if spec == INHERIT else spec  # type: ignore[return-value]
+
+
+def _plan(
+    names: list[str], config: QuantConfig
+) -> dict[str, tuple[QuantSpec | None, QuantSpec | None]]:
+    """Layer name -> (weight spec, act spec) for the layers that will be swapped."""
+    for i, rule in enumerate(config.rules):
+        if not any(fnmatch.fnmatchcase(n, rule.match) for n in names):
+            shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise ConfigError(
+                f"rules[{i}].match={rule.match!r} matches no quantizable layer: candidates are {shown}"
+            )
+    plan: dict[str, tuple[QuantSpec | None, QuantSpec | None]] = {}
+    for idx, name in enumerate(names):
+        rule: Rule | None = next((r for r in config.rules if fnmatch.fnmatchcase(name, r.match)), None)
+        if rule is not None:
+            if rule.skip:
+                continue
+            plan[name] = (_resolve(rule.weight, config.weight), _resolve(rule.act, config.act))
+            continue
+        w, a = config.weight, config.act
+        fl = config.first_last_bits
+        if fl is not None and idx == 0:
+            w, a = (w.replace(bits=fl) if w else None), None
+        elif fl is not None and idx == len(names) - 1:
+            w = w.replace(bits=fl) if w else None
+            a = a.replace(bits=fl) if a else None
+        plan[name] = (w, a)
+    return plan
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized (or integer) layers of ``model`` in module order."""
+    kinds = tuple(QUANT_MODULES.values()) + tuple(INT_MODULES.values())
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def _fmt(q: Quantizer | None) -> str:
+    if q is None:
+        return "float"
+    g = q.granularity + (f"/{q.group_size}" if q.granularity == "group" else "")
+    return f"{int(q.bits)}b {'sym' if q.symmetric else 'asym'}{'' if bool(q.signed) else ' unsigned'} {g}"
+
+
+def layer_table(model: nn.Module) -> str:
+    """A plain-text table: layer, type, weight spec, input spec."""
+    rows = [("layer", "type", "weight", "input")]
+    for name, mod in quantized_layers(model):
+        wq = getattr(mod, "weight_quantizer", None)
+        if wq is None and hasattr(mod, "qweight"):
+            rows.append((name, type(mod).__name__, f"int{mod.qweight.weight_bits}", _fmt(mod.input_quantizer)))
+            continue
+        rows.append((name, type(mod).__name__, _fmt(wq), _fmt(mod.input_quantizer)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _first_tensor(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        return batch  # type: ignore[return-value]  # e.g. tokenized inputs for LLMs: passed as **kwargs
+    raise ConfigError(
+        f"calib batch of type {type(batch).__name__} is not allowed: use tensors, (inputs, targets) tuples, "
+        "or dicts of model keyword arguments"
+    )
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, calib: Iterable[Any]) -> int:
+    """Initialise every input quantizer's range from the inputs it sees on ``calib`` batches.
+
+    Weight quantizers stay active (activations see quantized weights); input quantizers pass their
+    input through unchanged while recording it. Returns the number of batches used.
+    """
+    act_qs = [m.input_quantizer for _, m in quantized_layers(model) if m.input_quantizer is not None]
+    if not act_qs:
+        return 0
+    was_training = model.training
+    model.eval()
+    for q in act_qs:
+        q.observed = []
+    n = 0
+    try:
+        for batch in calib:
+            x = _first_tensor(batch)
+            if isinstance(x, dict):
+                model(**x)
+            else:
+                model(x)
+            n += 1
+        if n == 0:
+            raise ConfigError("calib is empty: pass at least one batch of inputs to calibrate activations")
+        for q in act_qs:
+            seen = q.observed or []
+            if not seen:  # layer not reached by forward (unused branch): keep the default range
+                log.warning("an input quantizer saw no data during calibration; its scale stays 1.0")
+                continue
+            if q.granularity == "tensor":
+                data = torch.cat([t.reshape(-1) for t in seen])
+            else:
+                data = torch.cat([t.movedim(1, 0).reshape(t.shape[1], -1) for t in seen], dim=1).movedim(0, 1)
+            init_range(q, data)
+    finally:
+        for q in act_qs:
+            q.observed = None
+        model.train(was_training)
+    return n
+
+
+def prepare(
+    model: nn.Module, config: QuantConfig | None = None, calib: Iterable[Any] | None = None
+) -> nn.Module:
+    """Swap quantizable layers for quantized ones (in place) and initialise every range.
+
+    ``calib`` is an iterable of input batches (tensors, ``(inputs, targets)`` or keyword dicts); it is
+    required when activations are quantized.
+    """
+    config = config if config is not None else QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config={type(config).__name__} is not allowed: pass a lowbit.QuantConfig")
+    cands = _candidates(model)
+    if not cands:
+        raise ConfigError(
+            f"{type(model).__name__} has no quantizable layer: lowbit quantizes "
+            f"{', '.join(t.__name__ for t in QUANT_MODULES)} modules"
+        )
+    plan = _plan([n for n, _ in cands], config)
+    needs_calib = any(a is not None for _, a in plan.values())
+    if needs_calib and calib is None:
+        raise ConfigError(
+            "calib=None is not allowed when activations are quantized: pass calib=[batch, ...] "
+            "(a few training batches), or set act=None"
+        )
+    for name, mod in cands:
+        if name not in plan:
+            continue
+        w, a = plan[name]
+        qtype = QUANT_MODULES[type(mod)]
+        try:
+            new = qtype.from_float(mod, w, a)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(f"layer {name!r}: {e}") from None
+        if new.weight_quantizer is not None:
+            init_range(new.weight_quantizer, new.weight)
+        if name == "":
+            raise ConfigError("the model itself is a single layer: wrap it in nn.Sequential to quantize it")
+        _set_submodule(model, name, new)
+    if needs_calib:
+        assert calib is not None
+        calibrate(model, calib)
+    log.info("lowbit.prepare: %d layers quantized\n%s", len(plan), layer_table(model))
+    return model
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A model with integer modules (``IntLinear``, ``IntConv2d``) in place of the quantized ones.
+
+    The result is in eval mode; its outputs equal ``model.eval()``'s. ``model`` itself is left unchanged
+    unless ``inplace=True``.
+    """
+    layers = quantized_layers(model)
+    if not any(isinstance(m, QuantLinear | QuantConv2d) for _, m in layers):
+        raise ConfigError("convert needs a model returned by lowbit.prepare: it has no quantized layer")
+    out = model if inplace else copy.deepcopy(model)
+    out.eval()
+    for name, mod in quantized_layers(out):
+        int_type = INT_MODULES.get(type(mod))
+        if int_type is not None:
+            _set_submodule(out, name, int_type(mod))
+    return out

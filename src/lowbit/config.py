@@ -1,0 +1,444 @@
+"""Configuration: frozen dataclasses validated on construction, read from and written to YAML.
+
+A recipe states only what differs from the defaults below. Unknown keys and invalid values raise
+``ConfigError`` naming the key (as a dotted path), the value and what is allowed. ``a.b=c`` overrides
+(from the command line) are applied to the raw mapping before validation, with values parsed as YAML.
+
+Rules: ``Rule.weight`` / ``Rule.act`` are ``"inherit"`` (use the config's spec), ``None`` (do not
+quantize) or a ``QuantSpec``. In YAML a rule's spec may list only the fields that differ from the
+config's spec (``{match: "classifier", weight: {bits: 8}}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lowbit.errors import ConfigError
+
+__all__ = [
+    "QuantSpec",
+    "Rule",
+    "QuantConfig",
+    "DataConfig",
+    "ModelConfig",
+    "StageConfig",
+    "Recipe",
+    "INHERIT",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "apply_overrides",
+    "stage_hash",
+]
+
+INHERIT = "inherit"
+GRANULARITIES = ("tensor", "channel", "group")
+INITS = ("minmax", "mse", "lp")
+
+
+def _check(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor: bit width, grid, granularity, scale learning and range init."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "tensor"
+    group_size: int | None = None
+    learn_scale: bool = True
+    learn_zero_point: bool = True
+    signed: bool | None = None  # None: from the data at calibration (unsigned after a ReLU)
+    axis: int = 0
+    init: str = "mse"
+    p: float = 4.0
+    num_candidates: int = 100
+    grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.bits) and 1 <= self.bits <= 8, "bits", self.bits, "an integer from 1 to 8")
+        _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
+        if self.granularity == "group":
+            _check(
+                _is_int(self.group_size) and self.group_size > 0,  # type: ignore[operator]
+                "group_size",
+                self.group_size,
+                "a positive integer when granularity='group'",
+            )
+        else:
+            _check(
+                self.group_size is None,
+                "group_size",
+                self.group_size,
+                "None unless granularity='group' (set granularity: group to quantize in groups)",
+            )
+        _check(self.init in INITS, "init", self.init, f"one of {INITS}")
+        _check(isinstance(self.p, int | float) and self.p > 0, "p", self.p, "a positive number")
+        _check(
+            _is_int(self.num_candidates) and self.num_candidates >= 1,
+            "num_candidates",
+            self.num_candidates,
+            "a positive integer",
+        )
+        _check(_is_int(self.axis), "axis", self.axis, "an integer dimension index")
+        for name in ("symmetric", "learn_scale", "learn_zero_point", "grad_scale"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        _check(self.signed is None or isinstance(self.signed, bool), "signed", self.signed, "true, false or null")
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+
+SpecOrInherit = Union[QuantSpec, None, Literal["inherit"]]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Per-layer override, matched by glob on module names; the first matching rule wins."""
+
+    match: str
+    weight: SpecOrInherit = INHERIT
+    act: SpecOrInherit = INHERIT
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.match, str) and self.match != "", "match", self.match, "a non-empty glob")
+        for name in ("weight", "act"):
+            v = getattr(self, name)
+            _check(
+                v is None or v == INHERIT or isinstance(v, QuantSpec),
+                name,
+                v,
+                "a QuantSpec, None (not quantized) or 'inherit'",
+            )
+        _check(isinstance(self.skip, bool), "skip", self.skip, "true or false")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize: default weight and input-activation specs, rules, and the first/last layers.
+
+    ``first_last_bits``: when set, the first and last quantized layers (in module order) get weights at
+    that many bits, the first layer's input stays float and the last layer's input uses that many bits
+    (the LSQ paper's setup), unless a rule matches them.
+    """
+
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
+    act: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4))
+    rules: tuple[Rule, ...] = ()
+    first_last_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for r in self.rules:
+            _check(isinstance(r, Rule), "rules", r, "a list of Rule")
+        if self.first_last_bits is not None:
+            _check(
+                _is_int(self.first_last_bits) and 1 <= self.first_last_bits <= 8,
+                "first_last_bits",
+                self.first_last_bits,
+                "null or an integer from 1 to 8",
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    split_seed: int = 0
+    train_subset: int | None = None  # use only the first N training images (quick runs, tests)
+    test_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        for n in ("batch_size", "eval_batch_size"):
+            _check(_is_int(getattr(self, n)) and getattr(self, n) > 0, n, getattr(self, n), "a positive integer")
+        for n in ("train_subset", "test_subset"):
+            v = getattr(self, n)
+            _check(v is None or (_is_int(v) and v > 0), n, v, "null or a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mobilenetv2"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage (float pre-training, or QAT). ``epochs`` may be fractional (0.5 = half)."""
+
+    epochs: float = 1.0
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    schedule: str = "cosine"
+    scale_optimizer: str = "adam"
+    scale_lr: float = 1e-3
+    max_steps: int | None = None  # stop after this many steps (smoke runs); the schedule is unchanged
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.epochs, int | float) and self.epochs >= 0, "epochs", self.epochs, "a number >= 0")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
+        _check(self.scale_optimizer in OPTIMIZERS, "scale_optimizer", self.scale_optimizer, f"one of {OPTIMIZERS}")
+        _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
+        for n in ("lr", "scale_lr", "weight_decay", "momentum"):
+            v = getattr(self, n)
+            _check(isinstance(v, int | float) and v >= 0, n, v, "a number >= 0")
+        _check(
+            self.max_steps is None or (_is_int(self.max_steps) and self.max_steps > 0),
+            "max_steps",
+            self.max_steps,
+            "null or a positive integer",
+        )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole run: data, model, float pre-training, quantization and QAT."""
+
+    name: str = "default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=0.1))
+    quant: QuantConfig = field(default_factory=lambda: QuantConfig(first_last_bits=8))
+    calib_batches: int = 2
+    qat: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=0.005))
+    methods: tuple[dict[str, Any], ...] = ()
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", tuple(self.methods))
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(_is_int(self.calib_batches) and self.calib_batches >= 1, "calib_batches", self.calib_batches, ">= 1")
+        _check(
+            _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
+            "checkpoint_every",
+            self.checkpoint_every,
+            "an integer >= 0",
+        )
+        for m in self.methods:
+            _check(isinstance(m, dict) and "name" in m, "methods", m, "a list of {name: ..., ...} mappings")
+
+
+# -- dict <-> dataclass ------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str, inherit_from: QuantSpec | None = None) -> Any:
+    """Convert a YAML value to the annotated type ``tp``; ``path`` names it in errors."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if value == INHERIT and any(typing.get_origin(a) is Literal for a in args):
+            return INHERIT
+        for a in args:
+            if dataclasses.is_dataclass(a) and isinstance(value, dict):
+                return _convert(value, a, path, inherit_from)
+        for a in args:
+            if a is type(None) or typing.get_origin(a) is Literal:
+                continue
+            try:
+                return _convert(value, a, path, inherit_from)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}={value!r} is not allowed: expected {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} is not allowed: expected a mapping of {tp.__name__} fields")
+        return _build(tp, value, path, inherit_from)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}={value!r} is not allowed: expected a list")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_convert(v, inner, f"{path}[{i}]", inherit_from) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}={value!r} is not allowed: expected a mapping")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}={value!r} is not allowed: expected a number")
+    if tp is int:
+        if _is_int(value):
+            return value
+        raise ConfigError(f"{path}={value!r} is not allowed: expected an integer")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={value!r} is not allowed: expected true or false")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}={value!r} is not allowed: expected a string")
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: QuantSpec | None = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else key
+            raise ConfigError(f"unknown key {where!r}: allowed keys here are {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    if cls is QuantSpec and inherit_from is not None:
+        kwargs = {f.name: getattr(inherit_from, f.name) for f in dataclasses.fields(QuantSpec)}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        kwargs[key] = _convert(value, hints[key], where, inherit_from)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def _build_quant(data: dict[str, Any], path: str) -> QuantConfig:
+    """QuantConfig, where each rule's partial spec is merged over the config's own spec."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
+    data = dict(data)
+    rules_raw = data.pop("rules", [])
+    base = _build(QuantConfig, data, path)
+    if not isinstance(rules_raw, list):
+        raise ConfigError(f"{path}.rules={rules_raw!r} is not allowed: expected a list of rules")
+    rules = []
+    for i, r in enumerate(rules_raw):
+        rp = f"{path}.rules[{i}]"
+        if isinstance(r, Rule):
+            rules.append(r)
+            continue
+        if not isinstance(r, dict):
+            raise ConfigError(f"{rp}={r!r} is not allowed: expected a mapping with 'match'")
+        r = dict(r)
+        unknown = set(r) - {"match", "weight", "act", "skip"}
+        if unknown:
+            raise ConfigError(f"unknown key {rp}.{sorted(unknown)[0]!r}: allowed keys are match, weight, act, skip")
+        if "match" not in r:
+            raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
+        for k, default in (("weight", base.weight), ("act", base.act)):
+            if isinstance(r.get(k), dict):
+                r[k] = _build(QuantSpec, r[k], f"{rp}.{k}", inherit_from=default)
+        try:
+            rules.append(Rule(**r))
+        except ConfigError as e:
+            raise ConfigError(f"{rp}: {e}") from None
+    return dataclasses.replace(base, rules=tuple(rules))
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build and validate a ``Recipe`` from a (YAML-loaded) mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe={data!r} is not allowed: expected a mapping")
+    data = dict(data)
+    quant = _build_quant(data.pop("quant"), "quant") if "quant" in data else None
+    recipe = _build(Recipe, data, "")
+    return dataclasses.replace(recipe, quant=quant) if quant is not None else recipe
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain data (round-trips through ``recipe_from_dict``)."""
+    return _to_plain(recipe)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a valid list index")
+            node = node[int(k)]
+            continue
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict | list):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+        node = nxt
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {dotted!r}: {last!r} is not a valid list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a recipe mapping, in order."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. qat.epochs=2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (only what differs from the defaults), apply overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist: pass a YAML file or a name from `lowbit recipes`")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", p.stem)
+    return recipe_from_dict(apply_overrides(data, overrides or []))
+
+
+def stage_hash(*parts: Any) -> str:
+    """A short stable hash of plain data (used to cache float checkpoints by recipe)."""
+    blob = json.dumps(_to_plain(parts), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Integer modules and (in later work) packed files and ONNX."""

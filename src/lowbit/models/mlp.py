@@ -1,0 +1,59 @@
+"""A multilayer perceptron for small images: the simplest model every quantizer must handle.
+
+    x (N, C, H, W) -> flatten (N, C·H·W) -> depth × [Linear(width) -> BatchNorm1d -> ReLU] -> Linear(num_classes)
+
+``depth=0`` is a linear classifier. Hidden Linear layers have no bias (the BatchNorm after them
+has one), so folding BatchNorm into them for export changes no parameter count. Hidden weights are
+Kaiming-normal (fan_in, ReLU gain); the classifier is N(0, 0.01²) so the initial loss is ≈ ln(10).
+Module names: ``features.1`` is the first hidden Linear, ``classifier`` the last layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+
+
+def _check_int(model: str, field: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{model}: {field}={value!r}; allowed an int >= {minimum}")
+    return value
+
+
+class MLP(nn.Module):
+    """Flatten, ``depth`` × (Linear + BatchNorm1d + ReLU) of ``width`` units, then a Linear classifier."""
+
+    def __init__(
+        self,
+        width: int = 256,
+        depth: int = 2,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        _check_int("MLP", "width", width, 1)
+        _check_int("MLP", "depth", depth, 0)
+        _check_int("MLP", "num_classes", num_classes, 2)
+        _check_int("MLP", "in_channels", in_channels, 1)
+        _check_int("MLP", "image_size", image_size, 1)
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = in_channels * image_size * image_size
+        for _ in range(depth):
+            layers += [nn.Linear(fan_in, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            fan_in = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(fan_in, num_classes)
+        for m in self.features.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm1d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))  # (N, num_classes)

@@ -1,0 +1,103 @@
+"""Range (scale) initialisation: min-max, MSE grid search, Lp-norm grid search.
+
+For each scale (one per tensor, channel or group) the data are viewed as one row of a matrix.
+
+- ``minmax``: symmetric ``s = max|x| / qmax`` (``max(x) / qmax`` on the unsigned grid for non-negative
+  data); asymmetric ``s = (max - min) / (qmax - qmin)``, ``z = qmin - round(min / s)``, with the range
+  widened to include 0.
+- ``mse`` / ``lp``: shrink the min-max range by ``c = k / n`` for ``k = 1..n`` (n = ``num_candidates``)
+  and keep, per row, the ``c`` that minimises ``mean |q(x) - x|^p`` (p = 2 for ``mse``). LR-QAT uses
+  ``lp`` with p = 4; the oscillations paper uses ``mse`` with 100 candidates.
+
+Symmetric quantizers whose ``spec.signed`` is None choose the signed or unsigned grid from the data
+(unsigned when ``min(x) >= 0``, e.g. after a ReLU), as in the official oscillations code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.quant import functional as F
+from lowbit.quant.quantizer import Quantizer
+
+__all__ = ["init_range", "range_rows"]
+
+MAX_CALIB_ELEMENTS = 1 << 18  # per-tensor grid search subsamples larger inputs (deterministically)
+
+
+def range_rows(q: Quantizer, x: Tensor) -> Tensor:
+    """``x`` as a matrix with one row per scale of ``q``."""
+    x = x.detach().float()
+    if q.granularity == "tensor":
+        return x.reshape(1, -1)
+    if q.granularity == "group":
+        return x.reshape(-1, q.group_size)  # (rows * groups, group_size)
+    axis = q.axis
+    if q.shape is None and x.dim() > 1 and axis == 0:
+        axis = 1  # activations (N, C, ...)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _subsample(rows: Tensor) -> Tensor:
+    if rows.numel() <= MAX_CALIB_ELEMENTS:
+        return rows
+    per_row = max(MAX_CALIB_ELEMENTS // rows.shape[0], 1024)
+    if per_row >= rows.shape[1]:
+        return rows
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(rows.shape[1], generator=gen)[:per_row]
+    return rows[:, idx]
+
+
+def _minmax_params(
+    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Scale and zero point per row for the range ``[lo, hi]`` (``lo <= 0 <= hi``)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        denom = float(qmax) if qmax > 0 else float(-qmin)
+        amax = torch.maximum(hi, -lo) if qmin < 0 else hi
+        return (amax / denom).clamp_min(1e-8 if amax.max() > 0 else 1.0), None
+    s = ((hi - lo) / float(qmax - qmin)).clamp_min(tiny)
+    s = torch.where(hi - lo > 0, s, torch.ones_like(s))
+    z = (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+    return s, z
+
+
+def _row_error(rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, p: float) -> Tensor:
+    q = F.fake_quantize(rows, s[:, None], z[:, None] if z is not None else None, qmin, qmax)
+    return (q - rows).abs().pow(p).mean(dim=1)
+
+
+@torch.no_grad()
+def init_range(q: Quantizer, x: Tensor) -> None:
+    """Set ``q``'s scale (and zero point) from data ``x`` with the method of ``q.spec.init``."""
+    spec = q.spec
+    rows = range_rows(q, x)
+    if spec.signed is None and spec.symmetric:
+        q.signed.fill_(bool(rows.min() < 0))
+    qmin, qmax = q.int_grid()
+    lo = rows.amin(dim=1).clamp_max(0.0)
+    hi = rows.amax(dim=1).clamp_min(0.0)
+    s, z = _minmax_params(lo, hi, qmin, qmax, spec.symmetric)
+    if spec.init in ("mse", "lp"):
+        p = 2.0 if spec.init == "mse" else spec.p
+        sub = _subsample(rows)
+        best_err = torch.full_like(s, float("inf"))
+        best_s, best_z = s.clone(), (z.clone() if z is not None else None)
+        n = spec.num_candidates
+        for k in range(1, n + 1):
+            c = k / n
+            cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, spec.symmetric)
+            err = _row_error(sub, cs, cz, qmin, qmax, p)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s = torch.where(better, cs, best_s)
+            if best_z is not None and cz is not None:
+                best_z = torch.where(better, cz, best_z)
+        s, z = best_s, best_z
+    q.scale.copy_(s.reshape(q.scale.shape))
+    if q.zero_point is not None and z is not None:
+        q.zero_point.copy_(z.reshape(q.zero_point.shape))
+    q.initialized.fill_(True)

@@ -1,0 +1,187 @@
+"""The ``Quantizer`` module: the state of one uniform quantizer, and nothing else.
+
+State (all created at construction, so ``state_dict``, ``.to()``, DDP and resume just work):
+
+- ``bits`` (0-d int buffer) and ``signed`` (0-d bool buffer): the integer grid. Changing ``bits`` at
+  run time (``set_bits``) never re-swaps modules; the grid is derived from these two on each call.
+- ``scale``: a parameter when learned (LSQ), else a buffer; shape ``()`` per tensor, ``(C,)`` per
+  channel along ``axis``, ``(rows, cols // group_size)`` per group of a 2-D view of the tensor.
+- ``zero_point``: asymmetric quantizers only; a parameter when learned (LSQ+), rounded in use.
+- ``initialized``: whether the range was set from data.
+
+The integer slot: ``int_transform`` is an optional submodule ``f(x_int, quantizer) -> x_int`` that
+methods install (weight freezing, bit reallocation, ...). When it is set, ``forward`` goes through the
+integer path ``dequantize(f(quantize_ste(x)))``; when it is not, through the single-node fast path
+``fake_quantize``. ``to_int`` always uses the integer path; both paths give identical values (tested),
+so what is trained is what is exported.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.quant import functional as F
+
+if TYPE_CHECKING:
+    from lowbit.config import QuantSpec
+
+__all__ = ["Quantizer"]
+
+
+class Quantizer(nn.Module):
+    """Uniform (a)symmetric quantizer for one tensor of a known shape (or per tensor for activations).
+
+    ``shape`` is the shape of the tensor it quantizes, needed for per-channel and per-group scales;
+    activation quantizers pass ``None`` and must be per tensor, or per channel with ``channels``.
+    """
+
+    int_transform: nn.Module | None
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        shape: tuple[int, ...] | None = None,
+        *,
+        channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.granularity = spec.granularity
+        self.axis = spec.axis
+        self.group_size = spec.group_size
+        self.symmetric = spec.symmetric
+        self.shape = tuple(shape) if shape is not None else None
+        scale_shape = self._scale_shape(shape, channels)
+        signed = spec.signed if spec.signed is not None else spec.symmetric
+        self.register_buffer("bits", torch.tensor(spec.bits, dtype=torch.int64))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+        self.register_buffer("initialized", torch.tensor(False))
+        scale = torch.ones(scale_shape)
+        if spec.learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if spec.symmetric:
+            self.zero_point = None
+        elif spec.learn_zero_point and spec.learn_scale:
+            self.zero_point = nn.Parameter(torch.zeros(scale_shape))
+        else:
+            self.register_buffer("zero_point", torch.zeros(scale_shape))
+        self.int_transform = None
+        self.observed: list[Tensor] | None = None  # set only while calibrating (see lowbit.api)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def _scale_shape(self, shape: tuple[int, ...] | None, channels: int | None) -> tuple[int, ...]:
+        g = self.granularity
+        if g == "tensor":
+            return ()
+        if g == "channel":
+            if shape is not None:
+                axis = self.axis if self.axis >= 0 else len(shape) + self.axis
+                if not 0 <= axis < len(shape):
+                    raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {shape}")
+                return (shape[axis],)
+            if channels is None:
+                raise ValueError("a per-channel activation quantizer needs `channels`")
+            return (channels,)
+        # group: a 2-D view (rows, cols) with groups of `group_size` consecutive columns
+        if shape is None:
+            raise ValueError("granularity='group' applies to weights only (activations need a shape)")
+        rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
+        gs = self.group_size
+        assert gs is not None
+        if cols % gs != 0:
+            raise ValueError(
+                f"group_size={gs} does not divide the input dimension {cols} of a tensor of shape {shape}: "
+                f"use a divisor of {cols}, or granularity='channel'"
+            )
+        return (rows, cols // gs)
+
+    def _view(self, x: Tensor) -> Tensor:
+        """``x`` reshaped so that the scale broadcasts against it."""
+        if self.granularity == "group":
+            rows = x.shape[0]
+            return x.reshape(rows, -1, self.group_size)  # (rows, cols // group_size, group_size)
+        return x
+
+    def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
+        """Reshape a scale-shaped tensor so it broadcasts against ``self._view(x)``."""
+        if self.granularity == "tensor":
+            return p
+        if self.granularity == "group":
+            return p.unsqueeze(-1)  # (rows, groups, 1)
+        axis = self.axis if self.axis >= 0 else x.dim() + self.axis
+        if self.shape is None and x.dim() > 1 and self.axis == 0:
+            axis = 1  # activations: channels live on dim 1 (N, C, ...)
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return p.reshape(shape)
+
+    # -- the grid -------------------------------------------------------------------------------
+    def grid(self) -> tuple[Tensor, Tensor]:
+        """``(qmin, qmax)`` as 0-d float tensors, from the ``bits`` and ``signed`` buffers."""
+        return F.int_range_tensor(self.bits, self.signed)
+
+    def int_grid(self) -> tuple[int, int]:
+        return F.int_range(int(self.bits), bool(self.signed))
+
+    def set_bits(self, bits: int) -> None:
+        F.int_range(bits, True)  # validates
+        if not 1 <= bits <= 8:
+            raise ValueError(f"bits={bits} is not allowed: use 1..8")
+        self.bits.fill_(bits)
+
+    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The positive scale and the zero point, broadcastable against ``self._view(x)``."""
+        s = F.positive_scale(self.scale)
+        if self.spec.grad_scale and self.training and isinstance(self.scale, nn.Parameter):
+            n = x.numel() // max(self.scale.numel(), 1)
+            s = F.grad_scale(s, F.lsq_grad_factor(n, float(self.grid()[1])))
+        z = self.zero_point
+        return self._broadcast(s, x), (self._broadcast(z, x) if z is not None else None)
+
+    # -- the two paths --------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observed is not None:  # calibration: record the float input, pass it through
+            self.observed.append(x.detach())
+            return x
+        qmin, qmax = self.grid()
+        s, z = self.qparams(x)
+        xv = self._view(x)
+        if self.int_transform is None:
+            return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
+        x_int = self.int_transform(F.quantize_ste(xv, s, z, qmin, qmax), self)
+        zi = F._zero_point_int(z, qmin, qmax)
+        y = (x_int - zi) * s if zi is not None else x_int * s
+        return y.reshape(x.shape)
+
+    def quantize_ste(self, x: Tensor) -> Tensor:
+        """Integers of ``x`` (float dtype, straight-through gradients) after ``int_transform``."""
+        qmin, qmax = self.grid()
+        s, z = self.qparams(x)
+        x_int = F.quantize_ste(self._view(x), s, z, qmin, qmax)
+        if self.int_transform is not None:
+            x_int = self.int_transform(x_int, self)
+        return x_int.reshape(x.shape)
+
+    @torch.no_grad()
+    def to_int(self, x: Tensor) -> Tensor:
+        """Integers of ``x`` (``int32``), exactly the ones ``forward`` dequantizes."""
+        return self.quantize_ste(x).round().to(torch.int32)
+
+    @torch.no_grad()
+    def export_qparams(self) -> tuple[Tensor, Tensor | None]:
+        """Positive scale and integer zero point in their stored shapes (for integer modules)."""
+        s = F.positive_scale(self.scale).detach().clone()
+        if self.zero_point is None:
+            return s, None
+        qmin, qmax = self.int_grid()
+        return s, self.zero_point.detach().clamp(qmin, qmax).round().clone()
+
+    def extra_repr(self) -> str:
+        gran = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")
+        kind = "sym" if self.symmetric else "asym"
+        return f"bits={int(self.bits)}, {kind}, signed={bool(self.signed)}, {gran}"

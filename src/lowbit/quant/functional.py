@@ -78,7 +78,8 @@ def grad_scale(x: Tensor, factor: float) -> Tensor:
     if factor == 1.0:
         return x
     scaled = x * factor
-    return (x - scaled).detach() + scaled
+    # x + (scaled - scaled) is exactly x; (x - scaled) + scaled is not (it differs by an ulp)
+    return x.detach() + (scaled - scaled.detach())
 
 
 def positive_scale(scale: Tensor, eps: float = 1e-8) -> Tensor:
@@ -160,7 +161,8 @@ def _zero_point_int(zero_point: Tensor | float | int | None, qmin: Tensor, qmax:
         if zero_point == 0:
             return None
         zero_point = torch.tensor(float(zero_point))
-    return round_ste(torch.maximum(torch.minimum(zero_point, qmax), qmin))
+    # clamp, not maximum/minimum: those split the gradient in half at ties (z == qmin is common)
+    return round_ste(zero_point.clamp(qmin, qmax))
 
 
 def fake_quantize(
@@ -195,7 +197,7 @@ def quantize_ste(
     t = round_ste(x * torch.reciprocal(scale_t))
     if z is not None:
         t = t + z
-    return torch.maximum(torch.minimum(t, qmax_t), qmin_t)
+    return t.clamp(qmin_t, qmax_t)  # inclusive STE mask; maximum/minimum would halve it at qmin/qmax
 
 
 def quantize(

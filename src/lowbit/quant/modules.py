@@ -46,8 +46,8 @@ class QuantLinear(nn.Linear):
         new = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
         new.weight = mod.weight
         new.bias = mod.bias
-        new.train(mod.training)
         _attach_quantizers(new, weight, act, mod.in_features)
+        new.train(mod.training)  # after attaching, so the quantizers get the layer's mode too
         return new.to(mod.weight.device)
 
     def quantized_weight(self) -> Tensor:
@@ -84,8 +84,8 @@ class QuantConv2d(nn.Conv2d):
         )
         new.weight = mod.weight
         new.bias = mod.bias
-        new.train(mod.training)
         _attach_quantizers(new, weight, act, mod.in_channels)
+        new.train(mod.training)  # after attaching, so the quantizers get the layer's mode too
         return new.to(mod.weight.device)
 
     def quantized_weight(self) -> Tensor:

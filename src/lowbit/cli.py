@@ -1,0 +1,178 @@
+"""The ``lowbit`` command.
+
+    lowbit train RECIPE [key=value ...] [--resume] [--name NAME] [--runs DIR]
+    lowbit eval RUN
+    lowbit recipes
+
+RECIPE is a YAML file or the name of a shipped recipe (``lowbit recipes`` lists them). Errors a user can
+fix (bad keys or values, missing data, damaged checkpoints) print one line saying what and how, and exit
+with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from lowbit.config import load_recipe, recipe_from_dict
+from lowbit.errors import ConfigError, FormatError, TrainingError
+
+__all__ = ["main", "find_recipe", "recipe_dirs"]
+
+log = logging.getLogger("lowbit")
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: ``./recipes`` and the repository's ``recipes/`` beside ``src/``."""
+    here = Path(__file__).resolve()
+    dirs = [Path.cwd() / "recipes", here.parents[2] / "recipes"]
+    out: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
+
+
+def find_recipe(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    for d in recipe_dirs():
+        for cand in (d / name, d / f"{name}.yaml"):
+            if cand.is_file():
+                return cand
+    known = sorted({f.stem for d in recipe_dirs() for f in d.glob("*.yaml")})
+    raise ConfigError(f"recipe {name!r} not found: pass a YAML path or one of {', '.join(known) or '(none)'}")
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def _print_summary(s: dict) -> None:
+    ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
+    rows = [
+        ("model / dataset", f"{s['model']} / {s['dataset']}"),
+        (f"float {s['metric_name']}", f"{s['float_metric']:.2f}%"),
+        (f"W{s['weight_bits']}A{s['act_bits']} {s['metric_name']}", f"{s['quant_metric']:.2f}%"),
+        ("change", f"{s['quant_metric'] - s['float_metric']:+.2f} points"),
+        ("float size", f"{s['float_bytes']:,} bytes"),
+        ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
+        ("time", f"{s['train_seconds']:.0f} s (QAT {s['qat_seconds']:.0f} s)"),
+    ]
+    print(_table(rows))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lowbit.train import run
+
+    path = find_recipe(args.recipe)
+    recipe = load_recipe(path, args.overrides)
+    name = args.name or recipe.name
+    run_dir = Path(args.runs) / name
+    if run_dir.exists() and (run_dir / "summary.json").exists() and not args.resume and not args.force:
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a finished run: pass --name NEW, --force to overwrite"
+        )
+    print(f"run {run_dir} (recipe {path})")
+    summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.api import convert, prepare
+    from lowbit.checkpoint import load_checkpoint
+    from lowbit.data import load_dataset
+    from lowbit.models import build_model
+    from lowbit.train import _subset, evaluate
+
+    run_dir = Path(args.run)
+    cfg = run_dir / "config.yaml"
+    ckpt = run_dir / "checkpoints" / "qat.safetensors"
+    if not cfg.is_file():
+        raise ConfigError(f"run {str(run_dir)!r} has no config.yaml: pass a directory written by `lowbit train`")
+    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
+    data = _subset(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
+    model = build_model(recipe.model.name, num_classes=data.num_classes, **recipe.model.args)
+    prepare(model, recipe.quant, calib=[data.train_x[:2]])
+    state = load_checkpoint(ckpt)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise FormatError(f"checkpoint {str(ckpt)!r} does not fit the run's model: {e}") from None
+    with torch.no_grad():
+        fq = evaluate(model, data.test_x, data.test_y, recipe.data.eval_batch_size)
+        iq = evaluate(convert(model), data.test_x, data.test_y, recipe.data.eval_batch_size)
+    rows = [
+        ("run", str(run_dir)),
+        ("fake-quant accuracy", f"{fq['accuracy']:.2f}%"),
+        ("integer accuracy", f"{iq['accuracy']:.2f}%"),
+        ("test loss", f"{iq['loss']:.4f}"),
+    ]
+    print(_table(rows))
+    if args.json:
+        print(json.dumps({"fake_quant": fq, "integer": iq}))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    rows = []
+    for d in recipe_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            first = next((ln[1:].strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+            rows.append((f.stem, first))
+    if not rows:
+        print("no recipes found")
+        return 0
+    print(_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantization-aware training to low-bit integer models")
+    p.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a recipe: float pre-training (cached), calibration, QAT")
+    t.add_argument("recipe", help="YAML file or shipped recipe name")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. qat.epochs=2 quant.weight.bits=3")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    t.add_argument("--force", action="store_true", help="overwrite a finished run of the same name")
+    t.add_argument("--name", help="run name (default: the recipe's name)")
+    t.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a finished run (fake-quant and integer model)")
+    e.add_argument("run", help="run directory, e.g. runs/default")
+    e.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("recipes", help="list shipped recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except (ConfigError, FormatError, TrainingError) as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted; continue with `lowbit train ... --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The training loop: resume equality (also after kill -9), non-finite loss, damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit import methods as methods_mod
+from lowbit.checkpoint import load_checkpoint
+from lowbit.config import recipe_from_dict
+from lowbit.data import load_dataset
+from lowbit.errors import DatasetMissingError, FormatError, TrainingError
+from lowbit.train import run
+
+try:
+    load_dataset("fashion_mnist")
+    HAVE_DATA, WHY = True, ""
+except DatasetMissingError as e:  # pragma: no cover - depends on the machine
+    HAVE_DATA, WHY = False, str(e)
+
+pytestmark = pytest.mark.skipif(not HAVE_DATA, reason=WHY)
+
+TINY = {
+    "name": "t",
+    "data": {"train_subset": 640, "test_subset": 200, "batch_size": 64},
+    "model": {"name": "mlp", "args": {"width": 32, "depth": 2}},
+    "pretrain": {"epochs": 1},
+    "qat": {"epochs": 2},
+    "checkpoint_every": 3,
+}
+
+
+class Interrupt:
+    """A test method that interrupts training once at a given step (like Ctrl-C, or kill -9).
+
+    ``marker`` is a file created when it fires, so the resumed run passes that step.
+    """
+
+    def __init__(self, total_steps: int, at: int, marker: str, hard: bool = False) -> None:
+        self.at, self.hard, self.marker = at, hard, Path(marker)
+
+    def attach(self, model):  # noqa: ANN001, ANN201
+        pass
+
+    def loss(self, model):  # noqa: ANN001, ANN201
+        return None
+
+    def step(self, step: int) -> None:
+        if step == self.at and not self.marker.exists():
+            self.marker.touch()
+            if self.hard:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise KeyboardInterrupt
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@pytest.fixture
+def interrupt_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(methods_mod.METHODS, "interrupt", Interrupt)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoints" / "qat.safetensors")["model"]
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path: Path, interrupt_method: None) -> None:
+    ref = run(recipe_from_dict(TINY), tmp_path / "ref", progress=False)
+    marker = str(tmp_path / "fired")
+    recipe = recipe_from_dict({**TINY, "methods": [{"name": "interrupt", "at": 7, "marker": marker}]})
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, tmp_path / "cut", progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "qat.safetensors")["step"] == 6
+    resumed = run(recipe, tmp_path / "cut", resume=True, progress=False)
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["quant_metric"] == ref["quant_metric"]
+    # metrics.jsonl holds each QAT eval once, with the same numbers
+    def qat_rows(d: str) -> list[str]:
+        return [r for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if '"qat"' in r]
+
+    assert qat_rows("cut") == qat_rows("ref")
+
+
+def test_resume_after_kill_9(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import Interrupt, TINY
+        from lowbit import methods
+        from lowbit.config import recipe_from_dict
+        from lowbit.train import run
+        methods.METHODS["interrupt"] = Interrupt
+        at = int(sys.argv[3])
+        m = {{"name": "interrupt", "at": at, "marker": sys.argv[1] + ".fired", "hard": True}}
+        recipe = recipe_from_dict({{**TINY, "methods": [m]}})
+        run(recipe, Path(sys.argv[1]), resume=sys.argv[2] == "1", progress=False)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "k"), "0", "5"], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "k" / "checkpoints" / "qat.safetensors")["step"] == 3
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "k"), "1", "5"], env=env, timeout=300)
+    assert proc.returncode == 0
+    ref_dir = tmp_path / "ref"
+    subprocess.run([sys.executable, "-c", script, str(ref_dir), "0", "-1"], env=env, check=True, timeout=300)
+    a, b = _weights(ref_dir), _weights(tmp_path / "k")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class NanAt(Interrupt):
+    """A test method whose extra loss is NaN from a given step on."""
+
+    def __init__(self, total_steps: int, at: int) -> None:
+        self.at, self.now = at, 0
+
+    def loss(self, model):  # noqa: ANN001, ANN201
+        return torch.tensor(float("nan")) if self.now >= self.at else None
+
+    def step(self, step: int) -> None:
+        self.now = step
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(methods_mod.METHODS, "nan_at", NanAt)
+    recipe = recipe_from_dict({**TINY, "methods": [{"name": "nan_at", "at": 7}]})
+    with pytest.raises(TrainingError, match=r"loss became nan at step 7 of stage 'qat'.*last good checkpoint"):
+        run(recipe, tmp_path / "r", progress=False)
+    state = load_checkpoint(tmp_path / "r" / "checkpoints" / "qat.safetensors")
+    assert state["step"] == 6
+    for v in state["model"].values():
+        if v.is_floating_point():
+            assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_checkpoint_on_resume_is_a_format_error(tmp_path: Path, damage: str) -> None:
+    recipe = recipe_from_dict(TINY)
+    run(recipe, tmp_path / "r", progress=False)
+    ck = tmp_path / "r" / "checkpoints" / "qat.safetensors"
+    blob = ck.read_bytes()
+    if damage == "truncate":
+        ck.write_bytes(blob[: len(blob) // 2])
+    elif damage == "garbage":
+        ck.write_bytes(blob[:8] + b"\xff" * 64 + blob[72:])
+    else:
+        ck.write_bytes(b"")
+    with pytest.raises(FormatError, match="qat.safetensors"):
+        run(recipe, tmp_path / "r", resume=True, progress=False)
+
+
+def test_float_checkpoint_is_cached_across_bit_widths(tmp_path: Path) -> None:
+    s4 = run(recipe_from_dict(TINY), tmp_path / "w4", progress=False)
+    cache = list((tmp_path / ".cache").glob("float-*.safetensors"))
+    assert len(cache) == 1
+    t3 = recipe_from_dict({**TINY, "quant": {"weight": {"bits": 3, "granularity": "channel"}}})
+    s3 = run(t3, tmp_path / "w3", progress=False)
+    assert len(list((tmp_path / ".cache").glob("float-*.safetensors"))) == 1
+    assert s3["float_metric"] == s4["float_metric"]
+    assert not (tmp_path / "w3" / "checkpoints" / "pretrain.safetensors").exists()
+
+
+def test_summary_has_the_contract_keys(tmp_path: Path) -> None:
+    s = run(recipe_from_dict(TINY), tmp_path / "r", progress=False)
+    for key in (
+        "recipe", "dataset", "model", "float_metric", "quant_metric", "metric_name",
+        "weight_bits", "act_bits", "float_bytes", "quant_bytes", "train_seconds",
+    ):
+        assert key in s
+    assert s["quant_bytes"] < s["float_bytes"]
+    for f in ("config.yaml", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / "r" / f).is_file()

@@ -73,9 +73,10 @@ def test_prepare_swaps_layers_and_keeps_parameter_objects() -> None:
 
 def test_prepare_keeps_the_training_mode() -> None:
     for training in (True, False):
-        model = _convnet().train(training)
-        lowbit.prepare(model, QuantConfig(), calib=_calib())
-        assert all(m.training == training for m in model.modules())
+        for config, calib in ((QuantConfig(), _calib()), (QuantConfig(act=None), None)):
+            model = _convnet().train(training)
+            lowbit.prepare(model, config, calib=calib)
+            assert all(m.training == training for m in model.modules())
 
 
 def test_depthwise_per_channel_matches_naive() -> None:
@@ -131,7 +132,8 @@ def test_first_last_bits() -> None:
         assert int(layer.weight_quantizer.bits) == 3 and int(layer.input_quantizer.bits) == 3
     # a rule that matches the first layer wins over first_last_bits
     model = _convnet()
-    lowbit.prepare(model, QuantConfig(act=None, first_last_bits=8, rules=(Rule(match="stem", weight=QuantSpec(bits=2)),)))
+    rules = (Rule(match="stem", weight=QuantSpec(bits=2)),)
+    lowbit.prepare(model, QuantConfig(act=None, first_last_bits=8, rules=rules))
     assert int(model.stem.weight_quantizer.bits) == 2 and int(model.head.weight_quantizer.bits) == 8
 
 
@@ -149,6 +151,8 @@ def test_prepare_errors() -> None:
         lowbit.prepare(_convnet(), QuantConfig(weight=QuantSpec(granularity="group", group_size=3), act=None))
     with pytest.raises(ConfigError, match="QuantConfig"):
         lowbit.prepare(_convnet(), {"weight": None})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="nn.Sequential"):
+        lowbit.prepare(nn.Linear(3, 3), QuantConfig(act=None))
 
 
 def test_calibration_sets_activation_ranges() -> None:
@@ -238,6 +242,12 @@ def test_convert_inplace_and_errors() -> None:
         assert torch.equal(out(x), expected)
 
 
+def test_convert_rejects_unsupported_padding_mode() -> None:
+    model = lowbit.prepare(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), QuantConfig(act=None))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        lowbit.convert(model)
+
+
 def test_convert_after_int_transform_uses_its_integers() -> None:
     class Zero(nn.Module):
         def forward(self, x_int: torch.Tensor, quantizer: object) -> torch.Tensor:
@@ -282,8 +292,8 @@ def test_optimizer_after_prepare_trains() -> None:
     assert "fc.weight_quantizer.scale" in names and "fc.input_quantizer.scale" in names
     assert "fc.weight_quantizer.zero_point" in names
     scales = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("scale")}
-    losses = _train(model, steps=25, lr=0.02)
-    assert losses[-1] < 0.7 * losses[0]
+    losses = _train(model, steps=20, lr=0.02)
+    assert losses[-1] < 0.6 * losses[0]
     for n, p in model.named_parameters():
         if n.endswith("scale"):
             assert p.grad is not None and torch.isfinite(p.grad).all(), n

@@ -56,21 +56,24 @@ def _plan(
                 f"rules[{i}].match={rule.match!r} matches no quantizable layer: candidates are {shown}"
             )
     plan: dict[str, tuple[QuantSpec | None, QuantSpec | None]] = {}
-    for idx, name in enumerate(names):
+    unruled: list[str] = []
+    for name in names:
         rule: Rule | None = next((r for r in config.rules if fnmatch.fnmatchcase(name, r.match)), None)
-        if rule is not None:
-            if rule.skip:
-                continue
+        if rule is None:
+            plan[name] = (config.weight, config.act)
+            unruled.append(name)
+        elif not rule.skip:
             plan[name] = (_resolve(rule.weight, config.weight), _resolve(rule.act, config.act))
-            continue
-        w, a = config.weight, config.act
-        fl = config.first_last_bits
-        if fl is not None and idx == 0:
-            w, a = (w.replace(bits=fl) if w else None), None
-        elif fl is not None and idx == len(names) - 1:
-            w = w.replace(bits=fl) if w else None
-            a = a.replace(bits=fl) if a else None
-        plan[name] = (w, a)
+    fl = config.first_last_bits
+    swapped = list(plan)  # the first and last *quantized* layers, skipped ones not counted
+    if fl is not None and swapped:
+        first, last = swapped[0], swapped[-1]
+        if first in unruled:
+            w, _ = plan[first]
+            plan[first] = (w.replace(bits=fl) if w else None, None)
+        if last in unruled and last != first:
+            w, a = plan[last]
+            plan[last] = (w.replace(bits=fl) if w else None, a.replace(bits=fl) if a else None)
     return plan
 
 

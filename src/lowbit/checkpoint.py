@@ -101,7 +101,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FormatError(f"checkpoint {str(path)!r} is corrupted or truncated ({e}); delete it to start over") from None
+        raise FormatError(
+            f"checkpoint {str(path)!r} is corrupted or truncated ({e}); delete it to start over"
+        ) from None
     if "lowbit" not in meta:
         raise FormatError(f"checkpoint {str(path)!r} has no lowbit metadata: not a lowbit checkpoint")
     try:
@@ -110,5 +112,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FormatError(f"checkpoint {str(path)!r} has unreadable metadata ({e})") from None
     version = info.get("format_version")
     if version != FORMAT_VERSION:
-        raise FormatError(f"checkpoint {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION}")
+        raise FormatError(
+            f"checkpoint {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION}"
+        )
     return unflatten_state(info["state"], tensors)

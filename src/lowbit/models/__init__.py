@@ -36,9 +36,7 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     accepted = model_arguments(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ConfigError(
-            f"model {name!r}: unknown argument(s) {unknown}; accepted: {', '.join(accepted)}"
-        )
+        raise ConfigError(f"model {name!r}: unknown argument(s) {unknown}; accepted: {', '.join(accepted)}")
     return MODELS[name](**kwargs)
 
 

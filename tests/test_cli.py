@@ -1,0 +1,79 @@
+"""The `lowbit` command: a real smoke run of a tiny recipe, and clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli import main
+from lowbit.data import load_dataset
+from lowbit.errors import DatasetMissingError
+
+try:
+    load_dataset("fashion_mnist")
+    HAVE_DATA, WHY = True, ""
+except DatasetMissingError as e:  # pragma: no cover
+    HAVE_DATA, WHY = False, str(e)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lowbit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=WHY)
+def test_train_then_eval_tiny_recipe(tmp_path: Path) -> None:
+    p = lowbit(
+        "train", str(REPO / "recipes" / "tiny.yaml"), "data.train_subset=512", "--runs", str(tmp_path),
+        "--no-progress", cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "W4A4 accuracy" in p.stdout and "quantized size" in p.stdout
+    run_dir = tmp_path / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dataset"] == "fashion_mnist" and summary["weight_bits"] == 4
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "train_subset: 512" in cfg  # the override is in the resolved recipe
+    e = lowbit("eval", str(run_dir), "--json", cwd=tmp_path)
+    assert e.returncode == 0, e.stderr
+    numbers = json.loads(e.stdout.strip().splitlines()[-1])
+    assert numbers["integer"]["accuracy"] == pytest.approx(summary["quant_metric"])
+    # a finished run is not overwritten by accident
+    again = lowbit("train", str(REPO / "recipes" / "tiny.yaml"), "--runs", str(tmp_path), cwd=tmp_path)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "no-such-recipe"], "recipe 'no-such-recipe' not found"),
+        (["train", "tiny", "qat.epochz=2"], "unknown key 'qat.epochz'"),
+        (["train", "tiny", "quant.weight.bits=9"], "bits=9"),
+        (["train", "tiny", "quant.weight.group_size=7"], "group_size"),
+        (["train", "tiny", "qat.epochs"], "write key=value"),
+        (["eval", "/nonexistent/run"], "has no config.yaml"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_recipes_lists_the_shipped_recipes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for f in (REPO / "recipes").glob("*.yaml"):
+        assert f.stem in out

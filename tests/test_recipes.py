@@ -1,0 +1,46 @@
+"""Every shipped recipe parses, round-trips, and smoke-runs a few steps of each stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict
+from lowbit.data import load_dataset
+from lowbit.errors import DatasetMissingError
+from lowbit.train import run
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+try:
+    load_dataset("fashion_mnist")
+    HAVE_DATA, WHY = True, ""
+except DatasetMissingError as e:  # pragma: no cover
+    HAVE_DATA, WHY = False, str(e)
+
+
+def test_there_are_recipes() -> None:
+    assert len(RECIPES) >= 2
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses_and_round_trips(path: Path) -> None:
+    r = load_recipe(path)
+    assert recipe_from_dict(recipe_to_dict(r)) == r
+    assert path.read_text().lstrip().startswith("#"), "each recipe opens with a one-line description"
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=WHY)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_smoke_runs(path: Path, tmp_path: Path) -> None:
+    small = [
+        "data.train_subset=256",
+        "data.test_subset=128",
+        "data.batch_size=64",
+        "pretrain.max_steps=2",
+        "qat.max_steps=2",
+    ]
+    summary = run(load_recipe(path, small), tmp_path / path.stem, progress=False)
+    assert 0.0 <= summary["quant_metric"] <= 100.0
+    assert summary["quant_bytes"] < summary["float_bytes"]

@@ -41,7 +41,7 @@ lint: $(STAMP)
 
 # Peer toolkits for benchmarks/peers.py, installed with torch pinned so none of them replaces it.
 peers: $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt ".[peers]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[peers]"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

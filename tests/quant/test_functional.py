@@ -61,13 +61,6 @@ def test_int_range_rejects(bad: object) -> None:
         F.int_range(bad, True)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("signed", [True, False])
-def test_int_range_tensor_matches_int_range(bits: int, signed: bool) -> None:
-    qmin, qmax = F.int_range_tensor(torch.tensor(bits), torch.tensor(signed))
-    assert (qmin.item(), qmax.item()) == F.int_range(bits, signed)
-
-
 # -- forward: bit-exact against torch --------------------------------------------------------------
 
 

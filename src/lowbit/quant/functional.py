@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.quant import kernels
+
 __all__ = [
     "int_range",
     "round_ste",
@@ -50,15 +52,6 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def int_range_tensor(bits: Tensor, signed: Tensor) -> tuple[Tensor, Tensor]:
-    """``int_range`` on 0-d tensors (float results), so bit widths can be state without a host sync."""
-    bits_f = bits.to(torch.float32)
-    half = torch.exp2(bits_f - 1)
-    qmin = torch.where(signed, -half, torch.zeros_like(half))
-    qmax = torch.where(signed, half - 1, 2 * half - 1)
-    return qmin, qmax
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -83,8 +76,9 @@ def grad_scale(x: Tensor, factor: float) -> Tensor:
 
 
 def positive_scale(scale: Tensor, eps: float = 1e-8) -> Tensor:
-    """``max(|scale|, eps)`` with the gradient of ``|scale|``, so a scale can never stick at the floor."""
-    s = scale.abs()
+    """``max(|scale|, eps)`` with the gradient of ``|scale|`` (sign 0 counts as +1), so it never sticks."""
+    sign = torch.where(scale < 0, -1.0, 1.0).detach()
+    s = scale * sign
     return s + (s.clamp_min(eps) - s).detach()
 
 
@@ -108,52 +102,120 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
+SCALE_EPS = 1e-8
+
+
 class _FakeQuantize(torch.autograd.Function):
-    """LSQ / LSQ+ fake quantization as one autograd node (see the module docstring)."""
+    """LSQ / LSQ+ fake quantization as one autograd node (see the module docstring).
+
+    ``scale`` arrives raw: the node uses ``s = max(|scale|, eps)`` and passes the gradient back through
+    ``|.|`` (sign 0 counts as +1, so a scale at 0 still moves). ``qmin``/``qmax`` are Python numbers.
+    With the fused CPU kernel (``kernels.py``) only the input is saved and the backward recomputes
+    the integers; otherwise a short chain of torch ops computes the same values.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: Tensor, qmax: Tensor
+        ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: float, qmax: float
     ) -> Tensor:
-        t = x * torch.reciprocal(scale)
+        layout = _fused_layout(x, scale, zero_point)
+        ctx.layout, ctx.grid, ctx.has_zero_point = layout, (qmin, qmax), zero_point is not None
+        if layout is not None:
+            kern = kernels.fused()
+            assert kern is not None
+            y = kern.fq_forward(x, _flat(scale), _flat(zero_point), *layout, qmin, qmax)
+            ctx.save_for_backward(x, scale, zero_point)
+            return y
+        s = scale.abs().clamp_min(SCALE_EPS)
+        t = torch.mul(x, torch.reciprocal(s))  # x * (1/s), exactly as torch's fake-quant kernels
         t.round_()
         if zero_point is not None:
             t.add_(zero_point)
-        inside = (t >= qmin) & (t <= qmax)
-        t.clamp_(qmin, qmax)
+        y = t.clamp(qmin, qmax)
+        inside = torch.eq(t, y)  # not clipped: the STE passes the gradient here
+        del t
         if zero_point is not None:
-            t.sub_(zero_point)
-        y = t.mul_(scale)
-        ctx.save_for_backward(x, y, inside, scale, zero_point)
-        ctx.has_zero_point = zero_point is not None
+            y.sub_(zero_point)
+        y.mul_(s)
+        ctx.save_for_backward(x, scale, zero_point, y, inside, s)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, y, inside, scale, zero_point = ctx.saved_tensors
-        dx = g * inside
+        need_s = ctx.needs_input_grad[1]
+        need_z = ctx.has_zero_point and ctx.needs_input_grad[2]
         d_scale = d_zero = None
-        if ctx.needs_input_grad[1]:
-            if scale.numel() == 1:
-                d_scale = ((_dot(g, y) - _dot(dx, x)) / scale).reshape(scale.shape)
+        if ctx.layout is not None and g.dtype == torch.float32:
+            x, scale, zero_point = ctx.saved_tensors
+            kern = kernels.fused()
+            assert kern is not None
+            dx, d_s, d_z = kern.fq_backward(
+                g, x, _flat(scale), _flat(zero_point), *ctx.layout, *ctx.grid, need_s, need_z
+            )
+            if need_s:
+                d_scale = d_s.reshape(scale.shape)
+            if need_z:
+                d_zero = d_z.reshape(zero_point.shape)
+            return dx, d_scale, d_zero, None, None
+        x, scale, zero_point, y, inside, s = ctx.saved_tensors
+        dx = g * inside
+        if need_s:
+            if s.numel() == 1:
+                d_s = ((_dot(g, y) - _dot(dx, x)) / s).reshape(s.shape)
             else:
-                d_scale = _reduce_to(g * y - dx * x, scale.shape) / scale
-        if ctx.has_zero_point and ctx.needs_input_grad[2]:
+                d_s = _reduce_to(g * y - dx * x, s.shape) / s
+            d_scale = torch.where(scale < 0, -d_s, d_s)
+        if need_z:
             # clipped elements only: d/dz = -s
             if zero_point.numel() == 1:
-                d_zero = ((dx.sum() - g.sum()) * scale).reshape(zero_point.shape)
+                d_zero = ((dx.sum() - g.sum()) * s).reshape(zero_point.shape)
             else:
-                d_zero = _reduce_to(dx - g, zero_point.shape) * scale
+                d_zero = _reduce_to(dx - g, zero_point.shape) * s
         return dx, d_scale, d_zero, None, None
+
+
+_EMPTY = torch.empty(0)
+
+
+def _flat(t: Tensor | None) -> Tensor:
+    return _EMPTY if t is None else t.detach().reshape(-1).contiguous()
+
+
+def _fused_layout(x: Tensor, s: Tensor, zero_point: Tensor | None) -> tuple[int, int, int] | None:
+    """``(outer, C, inner)`` when the fused kernel applies: float32 CPU contiguous ``x``, and a scale
+    that varies along one contiguous block of dimensions (per tensor, channel or group)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+        return None
+    if s.dtype != torch.float32 or (zero_point is not None and zero_point.shape != s.shape):
+        return None
+    if kernels.fused() is None:
+        return None
+    if s.numel() == 1:
+        outer = x.shape[0] if x.dim() > 0 else 1
+        return outer, 1, x.numel() // max(outer, 1)
+    if s.dim() > x.dim():
+        return None
+    shape = (1,) * (x.dim() - s.dim()) + tuple(s.shape)
+    varying = [i for i, n in enumerate(shape) if n != 1]
+    a, b = varying[0], varying[-1] + 1
+    if any(shape[i] != x.shape[i] for i in range(a, b)):
+        return None
+    outer = int(torch.Size(x.shape[:a]).numel())
+    inner = int(torch.Size(x.shape[b:]).numel())
+    return outer, s.numel(), inner
 
 
 def _as_tensor(v: Tensor | float | int, like: Tensor) -> Tensor:
     if isinstance(v, Tensor):
-        return v.to(dtype=like.dtype)
+        return v if v.dtype == like.dtype else v.to(dtype=like.dtype)
     return torch.tensor(float(v), dtype=like.dtype, device=like.device)
 
 
-def _zero_point_int(zero_point: Tensor | float | int | None, qmin: Tensor, qmax: Tensor) -> Tensor | None:
+def _as_number(v: Tensor | float | int) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _zero_point_int(zero_point: Tensor | float | int | None, qmin: float, qmax: float) -> Tensor | None:
     """Clamp to the grid and round (half to even), with a straight-through gradient."""
     if zero_point is None:
         return None
@@ -175,12 +237,11 @@ def fake_quantize(
     """``s * (clip(round(x/s) + z, qmin, qmax) - z)`` with LSQ gradients for ``scale`` and ``zero_point``.
 
     ``scale`` and ``zero_point`` broadcast against ``x`` (shape ``()`` per tensor, ``(C, 1, 1, 1)`` per
-    output channel of a conv weight, ...). ``scale`` must be positive (see ``positive_scale``).
+    output channel of a conv weight, ...). ``s = max(|scale|, 1e-8)``: a scale is used by magnitude.
     """
-    scale_t = _as_tensor(scale, x)
-    qmin_t, qmax_t = _as_tensor(qmin, x), _as_tensor(qmax, x)
-    z = _zero_point_int(zero_point, qmin_t, qmax_t)
-    return _FakeQuantize.apply(x, scale_t, z, qmin_t, qmax_t)
+    lo, hi = _as_number(qmin), _as_number(qmax)
+    z = _zero_point_int(zero_point, lo, hi)
+    return _FakeQuantize.apply(x, _as_tensor(scale, x), z, lo, hi)
 
 
 def quantize_ste(
@@ -190,14 +251,16 @@ def quantize_ste(
     qmin: Tensor | int,
     qmax: Tensor | int,
 ) -> Tensor:
-    """Integers ``clip(round(x/s) + z, qmin, qmax)`` as a float tensor, differentiable (STE, LSQ)."""
-    scale_t = _as_tensor(scale, x)
-    qmin_t, qmax_t = _as_tensor(qmin, x), _as_tensor(qmax, x)
-    z = _zero_point_int(zero_point, qmin_t, qmax_t)
-    t = round_ste(x * torch.reciprocal(scale_t))
+    """Integers ``clip(round(x/s) + z, qmin, qmax)`` as a float tensor, differentiable (STE, LSQ).
+
+    Uses ``s = max(|scale|, 1e-8)`` like ``fake_quantize``, so ``dequantize`` of these equals it exactly.
+    """
+    lo, hi = _as_number(qmin), _as_number(qmax)
+    z = _zero_point_int(zero_point, lo, hi)
+    t = round_ste(x * torch.reciprocal(positive_scale(_as_tensor(scale, x), SCALE_EPS)))
     if z is not None:
         t = t + z
-    return t.clamp(qmin_t, qmax_t)  # inclusive STE mask; maximum/minimum would halve it at qmin/qmax
+    return t.clamp(lo, hi)  # inclusive STE mask; maximum/minimum would halve it at qmin/qmax
 
 
 def quantize(

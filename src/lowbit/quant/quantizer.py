@@ -121,11 +121,8 @@ class Quantizer(nn.Module):
         return p.reshape(shape)
 
     # -- the grid -------------------------------------------------------------------------------
-    def grid(self) -> tuple[Tensor, Tensor]:
-        """``(qmin, qmax)`` as 0-d float tensors, from the ``bits`` and ``signed`` buffers."""
-        return F.int_range_tensor(self.bits, self.signed)
-
     def int_grid(self) -> tuple[int, int]:
+        """``(qmin, qmax)`` from the ``bits`` and ``signed`` buffers (read on each call: bits may change)."""
         return F.int_range(int(self.bits), bool(self.signed))
 
     def set_bits(self, bits: int) -> None:
@@ -134,12 +131,12 @@ class Quantizer(nn.Module):
             raise ValueError(f"bits={bits} is not allowed: use 1..8")
         self.bits.fill_(bits)
 
-    def qparams(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The positive scale and the zero point, broadcastable against ``self._view(x)``."""
-        s = F.positive_scale(self.scale)
+    def qparams(self, x: Tensor, qmax: int) -> tuple[Tensor, Tensor | None]:
+        """The raw scale (used by magnitude) and the zero point, broadcastable against ``self._view(x)``."""
+        s = self.scale
         if self.spec.grad_scale and self.training and isinstance(self.scale, nn.Parameter):
             n = x.numel() // max(self.scale.numel(), 1)
-            s = F.grad_scale(s, F.lsq_grad_factor(n, float(self.grid()[1])))
+            s = F.grad_scale(s, F.lsq_grad_factor(n, float(qmax)))
         z = self.zero_point
         return self._broadcast(s, x), (self._broadcast(z, x) if z is not None else None)
 
@@ -148,20 +145,21 @@ class Quantizer(nn.Module):
         if self.observed is not None:  # calibration: record the float input, pass it through
             self.observed.append(x.detach())
             return x
-        qmin, qmax = self.grid()
-        s, z = self.qparams(x)
+        qmin, qmax = self.int_grid()
+        s, z = self.qparams(x, qmax)
         xv = self._view(x)
         if self.int_transform is None:
             return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
         x_int = self.int_transform(F.quantize_ste(xv, s, z, qmin, qmax), self)
         zi = F._zero_point_int(z, qmin, qmax)
-        y = (x_int - zi) * s if zi is not None else x_int * s
+        sp = F.positive_scale(s, F.SCALE_EPS)
+        y = (x_int - zi) * sp if zi is not None else x_int * sp
         return y.reshape(x.shape)
 
     def quantize_ste(self, x: Tensor) -> Tensor:
         """Integers of ``x`` (float dtype, straight-through gradients) after ``int_transform``."""
-        qmin, qmax = self.grid()
-        s, z = self.qparams(x)
+        qmin, qmax = self.int_grid()
+        s, z = self.qparams(x, qmax)
         x_int = F.quantize_ste(self._view(x), s, z, qmin, qmax)
         if self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
@@ -175,7 +173,7 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def export_qparams(self) -> tuple[Tensor, Tensor | None]:
         """Positive scale and integer zero point in their stored shapes (for integer modules)."""
-        s = F.positive_scale(self.scale).detach().clone()
+        s = F.positive_scale(self.scale, F.SCALE_EPS).detach().clone()
         if self.zero_point is None:
             return s, None
         qmin, qmax = self.int_grid()

@@ -1,0 +1,74 @@
+"""The fused CPU fake-quant kernel (``fused_fq.cpp``), compiled once on first use and cached.
+
+PyTorch's own fake-quant kernels are not vectorised and a chain of torch ops makes several passes over
+each activation, so a fused kernel is what keeps a QAT step close to a float step on CPU (see
+``benchmarks/step_time.py``). It builds with the system C++ compiler through
+``torch.utils.cpp_extension`` into torch's extension cache (about a minute, once per machine). If it
+cannot be built, or ``LOWBIT_FUSED=0`` is set, lowbit uses the equivalent torch ops: same values, same
+gradients up to float summation order, slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("fused_fq.cpp")
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp-simd"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    # the cache entry is specific to the source, the flags and this CPU's instruction set
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:10]
+    log.info("lowbit: building the fused fake-quant kernel (once per machine, about a minute)")
+    return cpp_extension.load(
+        name=f"lowbit_fused_fq_{digest}", sources=[str(_SOURCE)], extra_cflags=flags, verbose=False
+    )
+
+
+def _cpu_flags() -> bytes:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return platform.processor().encode()
+
+
+def fused() -> ModuleType | None:
+    """The compiled kernel module, or None when disabled or unavailable (the reason is logged once)."""
+    if "mod" in _state:
+        return _state["mod"]
+    with _lock:
+        if "mod" in _state:
+            return _state["mod"]
+        mod: ModuleType | None = None
+        if os.environ.get("LOWBIT_FUSED", "1") == "0":
+            log.info("lowbit: fused fake-quant kernel disabled by LOWBIT_FUSED=0")
+        else:
+            try:
+                mod = _build()
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+                log.warning("lowbit: fused fake-quant kernel unavailable (%s); using torch ops", str(e)[:300])
+        _state["mod"] = mod
+        return mod
+
+
+def set_enabled(enabled: bool) -> None:
+    """Force the torch-ops path (``False``) or the fused kernel (``True``, if it builds), e.g. in tests."""
+    _state.clear()
+    os.environ["LOWBIT_FUSED"] = "1" if enabled else "0"

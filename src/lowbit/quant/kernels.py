@@ -51,24 +51,32 @@ def _cpu_flags() -> bytes:
 
 def fused() -> ModuleType | None:
     """The compiled kernel module, or None when disabled or unavailable (the reason is logged once)."""
+    if not _enabled():
+        return None
     if "mod" in _state:
         return _state["mod"]
     with _lock:
-        if "mod" in _state:
-            return _state["mod"]
-        mod: ModuleType | None = None
-        if os.environ.get("LOWBIT_FUSED", "1") == "0":
-            log.info("lowbit: fused fake-quant kernel disabled by LOWBIT_FUSED=0")
-        else:
+        if "mod" not in _state:
             try:
-                mod = _build()
+                _state["mod"] = _build()
             except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
                 log.warning("lowbit: fused fake-quant kernel unavailable (%s); using torch ops", str(e)[:300])
-        _state["mod"] = mod
-        return mod
+                _state["mod"] = None
+        return _state["mod"]
+
+
+_switch: dict[str, bool] = {}
+
+
+def _enabled() -> bool:
+    if "on" not in _switch:
+        _switch["on"] = os.environ.get("LOWBIT_FUSED", "1") != "0"
+        if not _switch["on"]:
+            log.info("lowbit: fused fake-quant kernel disabled by LOWBIT_FUSED=0")
+    return _switch["on"]
 
 
 def set_enabled(enabled: bool) -> None:
-    """Force the torch-ops path (``False``) or the fused kernel (``True``, if it builds), e.g. in tests."""
-    _state.clear()
-    os.environ["LOWBIT_FUSED"] = "1" if enabled else "0"
+    """Use the fused kernel (``True``, if it builds) or the torch-ops path (``False``), e.g. in tests
+    and benchmarks; takes effect at the next call, without rebuilding anything."""
+    _switch["on"] = bool(enabled)

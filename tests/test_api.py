@@ -242,10 +242,11 @@ def test_convert_inplace_and_errors() -> None:
         assert torch.equal(out(x), expected)
 
 
-def test_convert_rejects_unsupported_padding_mode() -> None:
-    model = lowbit.prepare(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), QuantConfig(act=None))
-    with pytest.raises(ValueError, match="padding_mode='reflect'"):
-        lowbit.convert(model)
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_convert_keeps_padding_modes(mode: str) -> None:
+    model = lowbit.prepare(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode)), QuantConfig(act=None))
+    x = torch.randn(3, 2, 6, 6)
+    assert torch.equal(lowbit.convert(model)(x), model.eval()(x))
 
 
 def test_convert_after_int_transform_uses_its_integers() -> None:

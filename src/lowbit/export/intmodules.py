@@ -111,8 +111,8 @@ class IntConv2d(nn.Module):
         self.in_channels, self.out_channels = quant.in_channels, quant.out_channels
         self.kernel_size, self.stride, self.padding = quant.kernel_size, quant.stride, quant.padding
         self.dilation, self.groups = quant.dilation, quant.groups
-        if quant.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={quant.padding_mode!r} is not supported by IntConv2d: use 'zeros'")
+        self.padding_mode = quant.padding_mode
+        self._pad = quant._reversed_padding_repeated_twice  # for non-zero padding modes, as nn.Conv2d
         self.qweight = _IntWeight(quant)
         self.bias = None if quant.bias is None else nn.Parameter(quant.bias.detach().clone(), requires_grad=False)
         self.register_buffer("weight", self.qweight.dequantized(), persistent=False)
@@ -124,6 +124,9 @@ class IntConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
+        if self.padding_mode != "zeros":
+            x = nn.functional.pad(x, self._pad, mode=self.padding_mode)
+            return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:

@@ -24,12 +24,12 @@ Contenders (first and last quantized layer at 8 bits in every one, the first lay
 Protocol, identical for every contender:
     1. The float model is pre-trained by lowbit's own loop (``--float-epochs``) and cached under
        runs/.cache (benchmarks/common.py: float_model); every contender starts from these weights.
-    2. Calibration: the same two training batches (order seed+1, as ``lowbit train``) go through each
-       toolkit's own initialisation (lowbit: range init; eager: observers, in eval mode; brevitas:
+    2. Calibration: the same training batches (the default recipe's calib_batches, in the order
+       ``lowbit train`` uses) go through each toolkit's own initialisation (lowbit: range init; eager: observers, in eval mode; brevitas:
        calibration_mode, BatchNorm statistics restored afterwards; torchao: dynamic, needs none).
     3. QAT for ``--epochs`` with one plain loop: batches of 128 in the order iterate_batches(seed,
-       epoch) gives; SGD (momentum 0.9, Nesterov, weight decay 5e-5) at lr 0.005 with a cosine
-       schedule over the QAT steps for the weights, Adam at 1e-3 (constant) for learnable quantizer
+       epoch) gives; SGD (momentum 0.9, Nesterov, weight decay 5e-5) at lr 0.02 with a cosine
+       schedule over the QAT steps for the weights, Adam at 1e-4 (constant) for learnable quantizer
        parameters (lowbit's scales, brevitas' activation scales). A non-finite loss stops that run
        ("diverged"); its accuracy is still evaluated.
     4. Test accuracy on the whole test set in eval mode, with fake quantization on (eager: observers
@@ -78,14 +78,17 @@ from peer_toolkits import FLOAT, TOOLKITS, Prepared, Toolkit, _quiet_imports
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.config import Recipe
 from lowbit.data import VisionData, iterate_batches, num_batches
 from lowbit.data.vision import NUM_CLASSES
 from lowbit.models import MODELS, build_model
 from lowbit.train import evaluate
 
 HERE = Path(__file__).resolve().parent
-WEIGHT_LR, WEIGHT_MOMENTUM, WEIGHT_DECAY, QUANT_LR = 0.005, 0.9, 5e-5, 1e-3
-CALIB_BATCHES = 2
+# the protocol is lowbit's default recipe's QAT stage, applied to every toolkit alike
+_QAT = Recipe().qat
+WEIGHT_LR, WEIGHT_MOMENTUM, WEIGHT_DECAY, QUANT_LR = _QAT.lr, _QAT.momentum, _QAT.weight_decay, _QAT.scale_lr
+CALIB_BATCHES = Recipe().calib_batches
 WORKER_TAG = "PEERS-MEMORY-RESULT "
 
 

@@ -3,7 +3,8 @@
 //
 // x is viewed as (outer, C, inner), contiguous; scale and zero point have C entries (C = 1 per tensor).
 // With s_c = max(|scale_c|, eps), per element:
-//   t = nearbyint(x * (1/s_c)) + z_c;   q = clamp(t, qmin, qmax);   inside = (t == q);
+//   t = rint(x * (1/s_c)) + z_c   (rint: half to even in the default rounding mode)
+//   q = clamp(t, qmin, qmax);   inside = (t == q);
 //   y = (q - z_c) * s_c
 // which is exactly what torch.fake_quantize_per_{tensor,channel}_affine and lowbit's composed path
 // compute (built with -ffp-contract=off and no fast-math, so the compiler may not fuse or reorder it).
@@ -59,7 +60,7 @@ torch::Tensor fq_forward(torch::Tensor x, torch::Tensor scale, torch::Tensor zer
       const float* __restrict__ xr = xp + r * inner;
       float* __restrict__ yr = yp + r * inner;
       for (int64_t i = 0; i < inner; ++i) {
-        const float t = std::nearbyint(xr[i] * inv) + z;
+        const float t = __builtin_rintf(xr[i] * inv) + z;
         const float q = t < lo ? lo : (t > hi ? hi : t);  // min/max that vectorise
         yr[i] = (q - z) * s;
       }
@@ -105,7 +106,7 @@ std::vector<torch::Tensor> fq_backward(torch::Tensor g, torch::Tensor x, torch::
         for (int64_t i = i0; i < i1; ++i) {
           const float xi = xp[off + i];
           const float gi = gp[off + i];
-          const float t = std::nearbyint(xi * inv) + z;
+          const float t = __builtin_rintf(xi * inv) + z;
           const float q = t < lo ? lo : (t > hi ? hi : t);
           const float d = gi * static_cast<float>(t == q);  // branch-free
           dp[off + i] = d;

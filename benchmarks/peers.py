@@ -25,8 +25,9 @@ Protocol, identical for every contender:
     1. The float model is pre-trained by lowbit's own loop (``--float-epochs``) and cached under
        runs/.cache (benchmarks/common.py: float_model); every contender starts from these weights.
     2. Calibration: the same training batches (the default recipe's calib_batches, in the order
-       ``lowbit train`` uses) go through each toolkit's own initialisation (lowbit: range init; eager: observers, in eval mode; brevitas:
-       calibration_mode, BatchNorm statistics restored afterwards; torchao: dynamic, needs none).
+       ``lowbit train`` uses) go through each toolkit's own initialisation (lowbit: range init;
+       eager: observers, in eval mode; brevitas: calibration_mode, BatchNorm statistics restored
+       afterwards; torchao: dynamic, needs none).
     3. QAT for ``--epochs`` with one plain loop: batches of 128 in the order iterate_batches(seed,
        epoch) gives; SGD (momentum 0.9, Nesterov, weight decay 5e-5) at lr 0.02 with a cosine
        schedule over the QAT steps for the weights, Adam at 1e-4 (constant) for learnable quantizer

@@ -206,6 +206,8 @@ class StageConfig:
         for n in ("lr", "scale_lr", "weight_decay", "momentum"):
             v = getattr(self, n)
             _check(isinstance(v, int | float) and v >= 0, n, v, "a number >= 0")
+        for n in ("epochs", "lr", "scale_lr", "weight_decay", "momentum"):  # 3 and 3.0: one config, one hash
+            object.__setattr__(self, n, float(getattr(self, n)))
         _check(
             self.max_steps is None or (_is_int(self.max_steps) and self.max_steps > 0),
             "max_steps",
@@ -227,7 +229,7 @@ class Recipe:
     calib_batches: int = 4
     # QAT: SGD at a lower lr than pre-training, scales by Adam at a small lr (1e-3 made W4A4 ~0.6 points
     # worse than 1e-4 or 1e-5 on the default recipe; see the closing notes of issue 2)
-    qat: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=0.02, scale_lr=1e-4))
+    qat: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=0.02, scale_lr=1e-4))
     methods: tuple[dict[str, Any], ...] = ()
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     threads: int | None = None

@@ -76,3 +76,22 @@ def test_non_contiguous_and_float64_inputs_use_the_torch_path() -> None:
 def test_disabled_by_environment(torch_path: None) -> None:
     assert kernels.fused() is None
     assert F._fused_layout(torch.randn(4, 4), torch.tensor(0.1), None) is None
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 24, 16, 16, generator=gen)  # large enough to be split across threads
+    s = torch.tensor(0.05)
+    g = torch.randn(x.shape, generator=gen)
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+            F.fake_quantize(xs, ss, None, -8, 7).backward(g)
+            out.append((xs.grad, ss.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.equal(out[0][1], out[1][1])

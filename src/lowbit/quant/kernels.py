@@ -1,7 +1,8 @@
 """The fused CPU fake-quant kernel (``fused_fq.cpp``), compiled once on first use and cached.
 
 PyTorch's own fake-quant kernels are not vectorised and a chain of torch ops makes several passes over
-each activation, so a fused kernel is what keeps a QAT step close to a float step on CPU (see
+each activation, so a fused kernel (parallel over rows on torch's threads) is what keeps a QAT step
+close to a float step on CPU (see
 ``benchmarks/step_time.py``). It builds with the system C++ compiler through
 ``torch.utils.cpp_extension`` into torch's extension cache (about a minute, once per machine). If it
 cannot be built, or ``LOWBIT_FUSED=0`` is set, lowbit uses the equivalent torch ops: same values, same
@@ -28,9 +29,8 @@ _state: dict[str, ModuleType | None] = {}
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    # -fopenmp-simd only: with -fopenmp (which makes at::parallel_for parallel) the kernel ran ~30x
-    # slower here, so it runs on one thread for now (tracked as a follow-up)
-    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is an OpenMP pragma in torch's headers (serial without it)
+    flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
     # the cache entry is specific to the source, the flags and this CPU's instruction set
@@ -40,6 +40,7 @@ def _build() -> ModuleType | None:
         name=f"lowbit_fused_fq_{digest}",
         sources=[str(_SOURCE)],
         extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
         verbose=False,
     )
 

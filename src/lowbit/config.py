@@ -38,6 +38,7 @@ __all__ = [
     "recipe_to_dict",
     "apply_overrides",
     "stage_hash",
+    "require_int",
 ]
 
 INHERIT = "inherit"
@@ -52,6 +53,13 @@ def _check(ok: bool, field_name: str, value: Any, allowed: str) -> None:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def require_int(owner: str, field_name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum``, else a ``ConfigError`` naming owner, field and value."""
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{owner}: {field_name}={value!r}; allowed an int >= {minimum}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class Stage:
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, quantizer parameters): scales and zero points train with their own optimizer."""
-    qparams = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    qparams = _qparam_ids(model)
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qparams]
     quant = [p for p in model.parameters() if p.requires_grad and id(p) in qparams]
     return weights, quant

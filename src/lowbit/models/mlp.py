@@ -13,13 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowbit.errors import ConfigError
-
-
-def _check_int(model: str, field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{model}: {field}={value!r}; allowed an int >= {minimum}")
-    return value
+from lowbit.config import require_int
 
 
 class MLP(nn.Module):
@@ -34,11 +28,11 @@ class MLP(nn.Module):
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        _check_int("MLP", "width", width, 1)
-        _check_int("MLP", "depth", depth, 0)
-        _check_int("MLP", "num_classes", num_classes, 2)
-        _check_int("MLP", "in_channels", in_channels, 1)
-        _check_int("MLP", "image_size", image_size, 1)
+        require_int("MLP", "width", width, 1)
+        require_int("MLP", "depth", depth, 0)
+        require_int("MLP", "num_classes", num_classes, 2)
+        require_int("MLP", "in_channels", in_channels, 1)
+        require_int("MLP", "image_size", image_size, 1)
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):

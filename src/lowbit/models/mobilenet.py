@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.config import require_int
 from lowbit.errors import ConfigError
 
 # (expansion t, output channels c, repeats n, first stride s) at width_mult = 1; t of stage 0 is 1.
@@ -49,12 +50,6 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     if rounded < 0.9 * value:
         rounded += divisor
     return rounded
-
-
-def _check_int(model: str, field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{model}: {field}={value!r}; allowed an int >= {minimum}")
-    return value
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, act: bool = True) -> nn.Sequential:
@@ -101,9 +96,9 @@ class MobileNetV2(nn.Module):
             raise ConfigError(f"MobileNetV2: width_mult={width_mult!r}; allowed a number in (0, 8]")
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
             raise ConfigError(f"MobileNetV2: dropout={dropout!r}; allowed a number in [0, 1)")
-        _check_int("MobileNetV2", "expand_ratio", expand_ratio, 1)
-        _check_int("MobileNetV2", "num_classes", num_classes, 2)
-        _check_int("MobileNetV2", "in_channels", in_channels, 1)
+        require_int("MobileNetV2", "expand_ratio", expand_ratio, 1)
+        require_int("MobileNetV2", "num_classes", num_classes, 2)
+        require_int("MobileNetV2", "in_channels", in_channels, 1)
 
         channels = make_divisible(STEM_CHANNELS * width_mult)
         blocks: list[nn.Module] = [_conv_bn(in_channels, channels, 3, 2)]

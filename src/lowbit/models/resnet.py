@@ -22,13 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lowbit.config import require_int
 from lowbit.errors import ConfigError
-
-
-def _check_int(model: str, field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{model}: {field}={value!r}; allowed an int >= {minimum}")
-    return value
 
 
 class BasicBlock(nn.Module):
@@ -65,13 +60,13 @@ class ResNet(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        _check_int("ResNet", "width", width, 1)
-        _check_int("ResNet", "num_classes", num_classes, 2)
-        _check_int("ResNet", "in_channels", in_channels, 1)
+        require_int("ResNet", "width", width, 1)
+        require_int("ResNet", "num_classes", num_classes, 2)
+        require_int("ResNet", "in_channels", in_channels, 1)
         if isinstance(blocks, str | bytes) or not isinstance(blocks, Sequence) or len(blocks) == 0:
             raise ConfigError(f"ResNet: blocks={blocks!r}; allowed a non-empty sequence of ints >= 1")
         for i, n in enumerate(blocks):
-            _check_int("ResNet", f"blocks[{i}]", n, 1)
+            require_int("ResNet", f"blocks[{i}]", n, 1)
         self.blocks = tuple(blocks)
         stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from lowbit.config import Recipe, StageConfig, recipe_to_dict, stage_hash
 from lowbit.data import load_dataset
 from lowbit.data.vision import VisionData, iterate_batches, num_batches
 from lowbit.errors import FormatError, TrainingError
-from lowbit.methods import Method, build_methods
+from lowbit.methods import Method, build_methods, call_hooks
 from lowbit.models import build_model
 from lowbit.quant.quantizer import Quantizer
 
@@ -172,7 +173,7 @@ def train_stage(
     if qparams:
         opts.append(_optimizer(cfg.scale_optimizer, qparams, cfg.scale_lr, 0.9, 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opts[0], _schedule(cfg.schedule, total))
-    step = 0
+    step, loss_sum, loss_count = 0, 0.0, 0
     if resume and stage.checkpoint.exists():
         state = load_checkpoint(stage.checkpoint)
         try:
@@ -189,6 +190,7 @@ def train_stage(
             ) from None
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
+        loss_sum, loss_count = state.get("train_loss", [0.0, 0])
         _truncate_metrics(stage.metrics, stage.name, step)
         log.info("resumed %s at step %d/%d from %s", stage.name, step, end, stage.checkpoint)
 
@@ -203,12 +205,23 @@ def train_stage(
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "stage": stage.name,
+                "train_loss": [loss_sum, loss_count],  # the running mean since the last eval
             },
         )
 
     def eval_row(epoch: float) -> dict[str, Any]:
-        row = {"stage": stage.name, "step": step, "epoch": round(epoch, 4)}
-        row.update({f"test_{k}": v for k, v in evaluate(model, data.test_x, data.test_y, eval_batch_size).items()})
+        nonlocal loss_sum, loss_count
+        row: dict[str, Any] = {"stage": stage.name, "step": step, "epoch": round(epoch, 4)}
+        if loss_count:
+            row["train_loss"] = loss_sum / loss_count
+        loss_sum, loss_count = 0.0, 0
+        test = evaluate(model, data.test_x, data.test_y, eval_batch_size)
+        if any(call_hooks(methods, "before_eval", model, train_inputs(data, batch_size, stage.seed, step))):
+            row["before_hooks_accuracy"] = test["accuracy"]
+            test = evaluate(model, data.test_x, data.test_y, eval_batch_size)
+        row.update({f"test_{k}": v for k, v in test.items()})
+        for extra in call_hooks(methods, "metrics", model):
+            row.update(extra)
         _append_metrics(stage.metrics, row)
         return row
 
@@ -240,15 +253,16 @@ def train_stage(
                 o.step()
             sched.step()
             step += 1
+            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
             for m in methods:
                 m.step(step)
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.3f}")
             at_epoch_end = step % bpe == 0
             if at_epoch_end or step == end:
                 last = eval_row(step / bpe)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{last['test_accuracy']:.2f}")
+                bar.set_postfix(acc=f"{last['test_accuracy']:.2f}")
             if at_epoch_end or step == end or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
                 checkpoint()
             if step >= end:
@@ -258,6 +272,12 @@ def train_stage(
         last = eval_row(step / bpe)
     last["seconds"] = time.perf_counter() - t_start
     return last
+
+
+def train_inputs(data: VisionData, batch_size: int, seed: int, step: int) -> Iterator[torch.Tensor]:
+    """Training inputs for methods' hooks (batch-norm re-estimation), a fixed order per (seed, step)."""
+    for xb, _ in iterate_batches(data.train_x, data.train_y, batch_size, True, seed + 2, step):
+        yield xb
 
 
 # -- a whole run -----------------------------------------------------------------------------------
@@ -358,10 +378,21 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         recipe.checkpoint_every,
         progress,
     )
-    train_stage(model, data, stage, recipe.data.batch_size, recipe.data.eval_batch_size, methods, resume=resume)
+    last = train_stage(model, data, stage, recipe.data.batch_size, recipe.data.eval_batch_size, methods, resume=resume)
+    call_hooks(methods, "finish", model, train_inputs(data, recipe.data.batch_size, recipe.seed, last["step"]))
     qat_seconds = time.perf_counter() - t_qat
     int_model = convert(model)
     quant_metrics = evaluate(int_model, data.test_x, data.test_y, recipe.data.eval_batch_size)
+    _truncate_metrics(metrics, "final", -1)
+    _append_metrics(
+        metrics,
+        {
+            "stage": "final",
+            "step": last["step"],
+            **{f"test_{k}": v for k, v in quant_metrics.items()},
+            "before_finish_accuracy": last["test_accuracy"],
+        },
+    )
     float_bytes, quant_bytes = model_bytes(model)
     wspec, aspec = recipe.quant.weight, recipe.quant.act
     summary = {
@@ -371,6 +402,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         "metric_name": "accuracy",
         "float_metric": float_metrics["accuracy"],
         "quant_metric": quant_metrics["accuracy"],
+        "qat_metric": last["test_accuracy"],
+        "methods": [spec["name"] for spec in recipe.methods],
         "weight_bits": wspec.bits if wspec else 32,
         "act_bits": aspec.bits if aspec else 32,
         "first_last_bits": recipe.quant.first_last_bits,
@@ -382,7 +415,18 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         "torch_threads": torch.get_num_threads(),
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    _write_report(run_dir)
     return summary
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's plots and report.html; a report that fails to draw never costs the trained run."""
+    from lowbit.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run itself is done and saved; say what failed
+        log.warning("could not write the report of %s: %s (retry with `lowbit report %s`)", run_dir, e, run_dir)
 
 
 def _qparam_ids(model: nn.Module) -> set[int]:

@@ -156,12 +156,13 @@ class Quantizer(nn.Module):
         y = (x_int - zi) * sp if zi is not None else x_int * sp
         return y.reshape(x.shape)
 
-    def quantize_ste(self, x: Tensor) -> Tensor:
-        """Integers of ``x`` (float dtype, straight-through gradients) after ``int_transform``."""
+    def quantize_ste(self, x: Tensor, transform: bool = True) -> Tensor:
+        """Integers of ``x`` (float dtype, straight-through gradients), after ``int_transform`` unless
+        ``transform=False`` (the raw rounded integers, which methods that track them need)."""
         qmin, qmax = self.int_grid()
         s, z = self.qparams(x, qmax)
         x_int = F.quantize_ste(self._view(x), s, z, qmin, qmax)
-        if self.int_transform is not None:
+        if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
         return x_int.reshape(x.shape)
 

@@ -45,6 +45,18 @@ def test_train_then_eval_tiny_recipe(tmp_path: Path) -> None:
     assert e.returncode == 0, e.stderr
     numbers = json.loads(e.stdout.strip().splitlines()[-1])
     assert numbers["integer"]["accuracy"] == pytest.approx(summary["quant_metric"])
+    # the run exported its integer model; `lowbit export` writes the same file again; it reloads exactly
+    from lowbit import load as load_model
+    from lowbit.train import evaluate
+
+    exported = run_dir / "model.safetensors"
+    assert summary["quant_bytes"] == exported.stat().st_size
+    data = load_dataset("fashion_mnist")
+    acc = evaluate(load_model(exported), data.test_x[:500], data.test_y[:500])["accuracy"]  # test_subset: 500
+    assert acc == pytest.approx(summary["quant_metric"])
+    x = lowbit("export", str(run_dir), "--out", str(tmp_path / "again.safetensors"), cwd=tmp_path)
+    assert x.returncode == 0, x.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == exported.read_bytes()
     # a finished run is not overwritten by accident
     again = lowbit("train", str(REPO / "recipes" / "tiny.yaml"), "--runs", str(tmp_path), cwd=tmp_path)
     assert again.returncode == 2 and "--force" in again.stderr

@@ -3,13 +3,17 @@
     model = lowbit.prepare(model, lowbit.QuantConfig(...), calib=batches)   # fake-quant, trainable
     ...train...
     int_model = lowbit.convert(model)                                       # integer modules
+    lowbit.save(int_model, "model.safetensors"); lowbit.load("model.safetensors")   # packed file
 """
 
 from lowbit import quant
 from lowbit.api import convert, prepare
 from lowbit.config import QuantConfig, QuantSpec, Rule
 from lowbit.errors import ConfigError, FormatError
+from lowbit.export.io import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["quant", "prepare", "convert", "QuantConfig", "QuantSpec", "Rule", "ConfigError", "FormatError"]
+__all__ = [
+    "quant", "prepare", "convert", "save", "load", "QuantConfig", "QuantSpec", "Rule", "ConfigError", "FormatError",
+]

@@ -223,5 +223,5 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, mod in quantized_layers(out):
         int_type = INT_MODULES.get(type(mod))
         if int_type is not None:
-            _set_submodule(out, name, int_type(mod))
+            _set_submodule(out, name, int_type.from_quant(mod))
     return out

@@ -2,6 +2,8 @@
 
     lowbit train RECIPE [key=value ...] [--resume] [--name NAME] [--runs DIR]
     lowbit eval RUN
+    lowbit export RUN [--format lowbit|onnx] [--out PATH]
+    lowbit report RUN
     lowbit recipes
 
 RECIPE is a YAML file or the name of a shipped recipe (``lowbit recipes`` lists them). Errors a user can
@@ -61,6 +63,11 @@ def _print_summary(s: dict) -> None:
         ("model / dataset", f"{s['model']} / {s['dataset']}"),
         (f"float {s['metric_name']}", f"{s['float_metric']:.2f}%"),
         (f"W{s['weight_bits']}A{s['act_bits']} {s['metric_name']}", f"{s['quant_metric']:.2f}%"),
+        *(
+            [("end of QAT (before finish steps)", f"{s['qat_metric']:.2f}%")]
+            if s.get("qat_metric") not in (None, s["quant_metric"])
+            else []
+        ),
         ("change", f"{s['quant_metric'] - s['float_metric']:+.2f} points"),
         ("float size", f"{s['float_bytes']:,} bytes"),
         ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
@@ -83,32 +90,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run {run_dir} (recipe {path})")
     summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_summary(summary)
+    if (run_dir / "report.html").is_file():
+        print(_table([("report", str(run_dir / "report.html"))]))
     return 0
+
+
+def _load_run(run_arg: str):  # noqa: ANN202 - (run_dir, recipe, data, model): the run's final fake-quant model
+    from lowbit.data import load_dataset
+    from lowbit.train import _subset, restore_qat_model
+
+    run_dir = Path(run_arg)
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        raise ConfigError(f"run {str(run_dir)!r} has no config.yaml: pass a directory written by `lowbit train`")
+    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
+    data = _subset(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
+    return run_dir, recipe, data, restore_qat_model(recipe, data, run_dir / "checkpoints" / "qat.safetensors")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from lowbit.api import convert, prepare
-    from lowbit.checkpoint import load_checkpoint
-    from lowbit.data import load_dataset
-    from lowbit.models import build_model
-    from lowbit.train import _subset, evaluate
+    from lowbit.api import convert
+    from lowbit.train import evaluate
 
-    run_dir = Path(args.run)
-    cfg = run_dir / "config.yaml"
-    ckpt = run_dir / "checkpoints" / "qat.safetensors"
-    if not cfg.is_file():
-        raise ConfigError(f"run {str(run_dir)!r} has no config.yaml: pass a directory written by `lowbit train`")
-    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
-    data = _subset(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
-    model = build_model(recipe.model.name, num_classes=data.num_classes, **recipe.model.args)
-    prepare(model, recipe.quant, calib=[data.train_x[:2]])
-    state = load_checkpoint(ckpt)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise FormatError(f"checkpoint {str(ckpt)!r} does not fit the run's model: {e}") from None
+    run_dir, recipe, data, model = _load_run(args.run)
     with torch.no_grad():
         fq = evaluate(model, data.test_x, data.test_y, recipe.data.eval_batch_size)
         iq = evaluate(convert(model), data.test_x, data.test_y, recipe.data.eval_batch_size)
@@ -121,6 +127,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(_table(rows))
     if args.json:
         print(json.dumps({"fake_quant": fq, "integer": iq}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.api import convert
+    from lowbit.export.io import save
+
+    run_dir, _, data, model = _load_run(args.run)
+    int_model = convert(model)
+    if args.format == "onnx":
+        from lowbit.export.onnx import export_onnx
+
+        out = export_onnx(int_model, Path(args.out or run_dir / "model.onnx"), data.test_x[:1])
+    else:
+        out = save(int_model, Path(args.out or run_dir / "model.safetensors"))
+    print(_table([("exported", str(out)), ("size", f"{out.stat().st_size:,} bytes")]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lowbit.report import write_report
+
+    print(write_report(Path(args.run)))
     return 0
 
 
@@ -154,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory, e.g. runs/default")
     e.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="export a finished run's integer model (lowbit file or ONNX QDQ)")
+    x.add_argument("run", help="run directory, e.g. runs/default")
+    x.add_argument("--format", choices=["lowbit", "onnx"], default="lowbit", help="default: lowbit (safetensors)")
+    x.add_argument("--out", help="output path (default: RUN/model.safetensors or RUN/model.onnx)")
+    x.set_defaults(func=cmd_export)
+    rp = sub.add_parser("report", help="write plots and a self-contained report.html for a run")
+    rp.add_argument("run", help="run directory, e.g. runs/default")
+    rp.set_defaults(func=cmd_report)
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(func=cmd_recipes)
     return p

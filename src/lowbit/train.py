@@ -1,9 +1,11 @@
 """The plain training loop: float pre-training, calibration, QAT, evaluation, checkpoints, resume.
 
 A run directory (``runs/<name>/``) holds ``config.yaml`` (the fully resolved recipe), ``metrics.jsonl``
-(one JSON object per evaluation), ``checkpoints/<stage>.safetensors`` (atomic, resumable) and
-``summary.json``. The float checkpoint is cached by a hash of everything that determines it (data,
-model, pre-training stage, seed) under ``<runs root>/.cache/``, so QAT at other bit widths reuses it.
+(one JSON object per evaluation), ``checkpoints/<stage>.safetensors`` (atomic, resumable), the
+exported integer model ``model.safetensors`` + ``model.json`` (``lowbit.load``), ``summary.json``, and
+the report (``plots/``, ``report.html``). The float checkpoint is cached by a hash of everything that
+determines it (data, model, pre-training stage, seed) under ``<runs root>/.cache/``, so QAT at other
+bit widths reuses it.
 
 Determinism: the order of each epoch depends only on (seed, epoch) and the global RNG state is saved
 in each checkpoint, so a run resumed after an interruption (even ``kill -9``) reaches the same weights
@@ -37,6 +39,7 @@ from lowbit.config import Recipe, StageConfig, recipe_to_dict, stage_hash
 from lowbit.data import load_dataset
 from lowbit.data.vision import VisionData, iterate_batches, num_batches
 from lowbit.errors import FormatError, TrainingError
+from lowbit.export.io import save
 from lowbit.methods import Method, build_methods, call_hooks
 from lowbit.models import build_model
 from lowbit.quant.quantizer import Quantizer
@@ -393,7 +396,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
             "before_finish_accuracy": last["test_accuracy"],
         },
     )
-    float_bytes, quant_bytes = model_bytes(model)
+    float_bytes, payload_bytes = model_bytes(model)
+    exported = save(int_model, run_dir / "model.safetensors")
     wspec, aspec = recipe.quant.weight, recipe.quant.act
     summary = {
         "recipe": recipe.name,
@@ -408,7 +412,8 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         "act_bits": aspec.bits if aspec else 32,
         "first_last_bits": recipe.quant.first_last_bits,
         "float_bytes": float_bytes,
-        "quant_bytes": quant_bytes,
+        "quant_bytes": exported.stat().st_size,  # the exported file on disk (lowbit.load reads it)
+        "quant_payload_bytes": payload_bytes,  # packed weights + scales + float tensors, without the header
         "num_parameters": sum(p.numel() for p in model.parameters() if id(p) not in _qparam_ids(model)),
         "train_seconds": time.perf_counter() - t0,
         "qat_seconds": qat_seconds,
@@ -427,6 +432,23 @@ def _write_report(run_dir: Path) -> None:
         write_report(run_dir)
     except Exception as e:  # noqa: BLE001 - the run itself is done and saved; say what failed
         log.warning("could not write the report of %s: %s (retry with `lowbit report %s`)", run_dir, e, run_dir)
+
+
+def restore_qat_model(recipe: Recipe, data: VisionData, checkpoint: Path) -> nn.Module:
+    """The model at the end of a run: prepared, methods attached, QAT checkpoint loaded, ``finish`` hooks
+    run on the same batches as in training (so it equals the model the run converted)."""
+    model = build_model(recipe.model.name, num_classes=data.num_classes, **recipe.model.args)
+    prepare(model, recipe.quant, calib=[data.train_x[:2]])
+    methods = build_methods(recipe.methods, total_steps=1)
+    for m in methods:
+        m.attach(model)
+    state = load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise FormatError(f"checkpoint {str(checkpoint)!r} does not fit the run's model: {e}") from None
+    call_hooks(methods, "finish", model, train_inputs(data, recipe.data.batch_size, recipe.seed, int(state["step"])))
+    return model
 
 
 def _qparam_ids(model: nn.Module) -> set[int]:

@@ -13,10 +13,11 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from lowbit.quant import functional as F
 from lowbit.quant.modules import QuantConv2d, QuantLinear
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["IntLinear", "IntConv2d", "dequantize_weight"]
+__all__ = ["IntLinear", "IntConv2d", "dequantize_weight", "int_dtype", "use_int_matmul", "INT_MODULES"]
 
 
 def dequantize_weight(
@@ -43,25 +44,50 @@ def dequantize_weight(
 
 
 class _IntWeight(nn.Module):
-    """Integer weight state shared by the integer layers (composition, not inheritance)."""
+    """Integer weight state shared by the integer layers (composition, not inheritance).
 
-    def __init__(self, quant: QuantLinear | QuantConv2d) -> None:
+    Either ``weight_int`` (+ ``weight_scale``, ``weight_zero_point``) for a quantized weight, or
+    ``weight_float`` for a layer whose weight stayed float (``weight_bits == 32``).
+    """
+
+    def __init__(
+        self,
+        weight_int: Tensor | None,
+        weight_scale: Tensor | None,
+        weight_zero_point: Tensor | None,
+        bits: int,
+        signed: bool,
+        granularity: str,
+        axis: int,
+        group_size: int | None,
+        input_quantizer: Quantizer | None,
+        weight_float: Tensor | None = None,
+    ) -> None:
         super().__init__()
-        wq = quant.weight_quantizer
-        self.input_quantizer = _frozen_copy(quant.input_quantizer)
-        if wq is None:  # weight not quantized: keep float
-            self.register_buffer("weight_float", quant.weight.detach().clone())
-            self.weight_bits, self.granularity, self.axis, self.group_size = 32, "tensor", 0, None
+        self.input_quantizer = input_quantizer
+        self.weight_bits, self.signed = bits, signed
+        self.granularity, self.axis, self.group_size = granularity, axis, group_size
+        if weight_int is None:  # weight not quantized: keep float
+            assert weight_float is not None
+            self.register_buffer("weight_float", weight_float)
             return
+        self.register_buffer("weight_int", weight_int)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_zero_point", weight_zero_point)
+
+    @classmethod
+    def from_quant(cls, quant: QuantLinear | QuantConv2d) -> _IntWeight:
+        wq = quant.weight_quantizer
+        iq = _frozen_copy(quant.input_quantizer)
+        if wq is None:
+            return cls(None, None, None, 32, True, "tensor", 0, None, iq, quant.weight.detach().clone())
         qint = wq.to_int(quant.weight)
         qmin, qmax = wq.int_grid()
-        dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16
-        self.register_buffer("weight_int", qint.to(dtype))
         scale, zero_point = wq.export_qparams()
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", zero_point)
-        self.weight_bits = int(wq.bits)
-        self.granularity, self.axis, self.group_size = wq.granularity, wq.axis, wq.group_size
+        return cls(
+            qint.to(int_dtype(qmin, qmax)), scale, zero_point, int(wq.bits), bool(wq.signed),
+            wq.granularity, wq.axis, wq.group_size, iq,
+        )
 
     def dequantized(self) -> Tensor:
         if hasattr(self, "weight_float"):
@@ -69,6 +95,11 @@ class _IntWeight(nn.Module):
         return dequantize_weight(
             self.weight_int, self.weight_scale, self.weight_zero_point, self.granularity, self.axis, self.group_size
         )
+
+
+def int_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest torch integer dtype that holds the grid ``[qmin, qmax]`` (int8, else int16)."""
+    return torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16
 
 
 def _frozen_copy(q: Quantizer | None) -> Quantizer | None:
@@ -80,21 +111,78 @@ def _frozen_copy(q: Quantizer | None) -> Quantizer | None:
     return c.eval()
 
 
-class IntLinear(nn.Module):
-    """Linear layer with integer weights; ``forward`` is the dequantize-once reference path."""
+def _bias(quant: nn.Module) -> nn.Parameter | None:
+    return None if quant.bias is None else nn.Parameter(quant.bias.detach().clone(), requires_grad=False)
 
-    def __init__(self, quant: QuantLinear) -> None:
+
+class IntLinear(nn.Module):
+    """Linear layer with integer weights.
+
+    ``forward`` is the dequantize-once reference path (equal to the fake-quant model's eval output).
+    After ``use_int_matmul(model)``, eligible layers (symmetric weights of at most 8 bits, per tensor
+    or per output channel; a per-tensor input quantizer of at most 8 bits) compute instead
+
+        y = s_x · s_w · ((x_int − o) @ w_intᵀ + (o − z_x) · Σ_k w_int) + b
+
+    with an int8 × int8 → int32 matmul (``torch._int_mm``); ``o`` = 128 shifts an unsigned 8-bit
+    input into int8. The accumulator is exact; the result differs from the reference path only by
+    float rounding of the final scaling.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qweight: _IntWeight, bias: nn.Parameter | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = quant.in_features, quant.out_features
-        self.qweight = _IntWeight(quant)
-        self.bias = None if quant.bias is None else nn.Parameter(quant.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.qweight = qweight
+        self.bias = bias
         self.register_buffer("weight", self.qweight.dequantized(), persistent=False)  # the cache
+        self.int_matmul = False
+
+    @classmethod
+    def from_quant(cls, quant: QuantLinear) -> IntLinear:
+        return cls(quant.in_features, quant.out_features, _IntWeight.from_quant(quant), _bias(quant))
 
     @property
     def input_quantizer(self) -> Quantizer | None:
         return self.qweight.input_quantizer
 
+    def int_matmul_eligible(self) -> bool:
+        qw, iq = self.qweight, self.input_quantizer
+        if not hasattr(qw, "weight_int") or qw.weight_zero_point is not None or iq is None:
+            return False
+        if qw.granularity not in ("tensor", "channel") or (qw.granularity == "channel" and qw.axis not in (0, -2)):
+            return False
+        qmin, qmax = iq.int_grid()
+        return iq.granularity == "tensor" and qmax - qmin <= 255 and qw.weight_int.dtype == torch.int8
+
+    def enable_int_matmul(self) -> bool:
+        """Switch to the integer matmul path if this layer is eligible; returns whether it is on."""
+        self.int_matmul = self.int_matmul_eligible()
+        if self.int_matmul:
+            w = self.qweight.weight_int
+            self.register_buffer("weight_int_t", w.t().contiguous(), persistent=False)  # (in, out) int8
+            self.register_buffer("weight_int_sum", w.to(torch.int32).sum(1), persistent=False)  # (out,)
+        return self.int_matmul
+
+    def _forward_int(self, x: Tensor) -> Tensor:
+        iq = self.input_quantizer
+        assert iq is not None
+        qmin, qmax = iq.int_grid()
+        offset = 128 if qmax > 127 else 0
+        x_int = iq.to_int(x)
+        zx = 0 if iq.zero_point is None else int(iq.export_qparams()[1])
+        x8 = (x_int - offset).to(torch.int8).reshape(-1, self.in_features)
+        acc = torch._int_mm(x8, self.weight_int_t)  # (batch, out) int32, exact
+        if offset != zx:
+            acc = acc + (offset - zx) * self.weight_int_sum
+        s = F.positive_scale(iq.scale, F.SCALE_EPS) * self.qweight.weight_scale  # () or (out,)
+        y = acc.to(torch.float32) * s
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.int_matmul:
+            return self._forward_int(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return nn.functional.linear(x, self.weight, self.bias)
@@ -106,16 +194,20 @@ class IntLinear(nn.Module):
 class IntConv2d(nn.Module):
     """Conv2d with integer weights; ``forward`` is the dequantize-once reference path."""
 
-    def __init__(self, quant: QuantConv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, qweight: _IntWeight, bias: nn.Parameter | None) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = quant.in_channels, quant.out_channels
-        self.kernel_size, self.stride, self.padding = quant.kernel_size, quant.stride, quant.padding
-        self.dilation, self.groups = quant.dilation, quant.groups
-        self.padding_mode = quant.padding_mode
-        self._pad = quant._reversed_padding_repeated_twice  # for non-zero padding modes, as nn.Conv2d
-        self.qweight = _IntWeight(quant)
-        self.bias = None if quant.bias is None else nn.Parameter(quant.bias.detach().clone(), requires_grad=False)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.padding_mode = conv.padding_mode
+        self._pad = conv._reversed_padding_repeated_twice  # for non-zero padding modes, as nn.Conv2d
+        self.qweight = qweight
+        self.bias = bias
         self.register_buffer("weight", self.qweight.dequantized(), persistent=False)
+
+    @classmethod
+    def from_quant(cls, quant: QuantConv2d) -> IntConv2d:
+        return cls(quant, _IntWeight.from_quant(quant), _bias(quant))
 
     @property
     def input_quantizer(self) -> Quantizer | None:
@@ -134,6 +226,17 @@ class IntConv2d(nn.Module):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"groups={self.groups}, weight_bits={self.qweight.weight_bits}"
         )
+
+
+def use_int_matmul(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the integer matmul path of every eligible ``IntLinear`` on (or off); returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, IntLinear):
+            n += m.enable_int_matmul() if enabled else 0
+            if not enabled:
+                m.int_matmul = False
+    return n
 
 
 INT_MODULES: dict[type[nn.Module], type[nn.Module]] = {QuantLinear: IntLinear, QuantConv2d: IntConv2d}

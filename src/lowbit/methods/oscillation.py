@@ -98,6 +98,10 @@ class OscillationTracker(nn.Module):
         self.register_buffer("last_step", torch.tensor(-1, dtype=torch.int64))
         self.register_buffer("oscillations", torch.tensor(0, dtype=torch.int64))  # total flips, for logs
 
+    def passthrough(self) -> bool:
+        """Nothing frozen yet: the quantizer may take its fused fast path (same values)."""
+        return not bool(self.frozen.any())
+
     def forward(self, x_int: Tensor, quantizer: Quantizer) -> Tensor:
         return torch.where(self.frozen, self.frozen_int.to(x_int.dtype), x_int)
 
@@ -211,7 +215,8 @@ class OscillationTracking:
         layers: dict[str, Any] = {}
         for name, _, q, t in self.layers:
             n = t.freq.numel()
-            o, fr = int((t.freq > self.report_threshold).sum()), int(t.frozen.sum())
+            o = int(((t.freq > self.report_threshold) & ~t.frozen).sum())  # a frozen weight cannot flip
+            fr = int(t.frozen.sum())
             hist = torch.histogram(t.freq.flatten().double().clamp(0, 1), torch.tensor(HIST_EDGES, dtype=torch.float64))
             layers[name] = {
                 "bits": int(q.bits),

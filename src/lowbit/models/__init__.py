@@ -37,7 +37,10 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"model {name!r}: unknown argument(s) {unknown}; accepted: {', '.join(accepted)}")
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    # how lowbit.save records the architecture, so that lowbit.load can rebuild it (survives deepcopy)
+    model.lowbit_architecture = {"registry": name, "args": dict(kwargs)}
+    return model
 
 
 __all__ = ["MLP", "MODELS", "MobileNetV2", "ResNet", "build_model", "model_arguments"]

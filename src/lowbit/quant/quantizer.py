@@ -13,7 +13,8 @@ The integer slot: ``int_transform`` is an optional submodule ``f(x_int, quantize
 methods install (weight freezing, bit reallocation, ...). When it is set, ``forward`` goes through the
 integer path ``dequantize(f(quantize_ste(x)))``; when it is not, through the single-node fast path
 ``fake_quantize``. ``to_int`` always uses the integer path; both paths give identical values (tested),
-so what is trained is what is exported.
+so what is trained is what is exported. A transform that is the identity for now (a tracker with
+nothing frozen yet) says so through an optional ``passthrough() -> bool``, keeping the fast path.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ class Quantizer(nn.Module):
         qmin, qmax = self.int_grid()
         s, z = self.qparams(x, qmax)
         xv = self._view(x)
-        if self.int_transform is None:
+        t = self.int_transform
+        if t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough()):
             return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
         x_int = self.int_transform(F.quantize_ste(xv, s, z, qmin, qmax), self)
         zi = F._zero_point_int(z, qmin, qmax)

@@ -1,0 +1,222 @@
+"""LR-QAT: low-rank adapters inside the integer grid (Bondarenko, Del Chiaro, Nagel, 2024).
+
+For a pretrained weight ``W0`` (out × in) with initial scale ``s0`` (per output channel or per group,
+range-initialised by an Lp-norm grid search, p = 4)::
+
+    Φ0 = φ(W0 / s0)                                        computed once, frozen, stored down-cast
+    Ŵ  = s · clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)   A (out × r) = 0, B (r × in) Kaiming
+
+Only ``A``, ``B`` and ``s`` train. The adapter sits inside the rounding, so the trained layer merges
+exactly into one b-bit integer matrix ``W_int = clip(round(Φ0 + (α/r)AB))`` with scale ``s`` (``merge``),
+with no inference overhead. ``A = 0`` makes step 0 equal round-to-nearest of ``Φ0``.
+
+The down-cast ``φ`` (``phi``):
+
+- ``fixed_point8`` (default): int8 fixed point Q(b).(8−b), ``φ(x) = round(2^(8−b)·clip(x, qmin, qmax))``,
+  ``φ⁻¹(y) = y / 2^(8−b)``; exact for values on that grid; symmetric signed grids only;
+- ``bf16``; ``fp32`` (no down-cast, for reference);
+- ``int``: ``Φ0`` rounded to integers and stored packed at b bits (``lowbit.export.pack``), the paper's
+  lowest-memory variant; step 0 is then exactly round-to-nearest of ``W0/s0``.
+
+Building ``Ŵ`` and the matmul run under ``torch.utils.checkpoint`` (``checkpoint=True``), so the
+full-size intermediates (upcast Φ0, AB, the rounded matrix) are recomputed in the backward pass
+instead of being stored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lowbit.config import QuantSpec
+from lowbit.errors import ConfigError
+from lowbit.export.intmodules import IntLinear, _IntWeight, int_dtype
+from lowbit.export.pack import pack, unpack
+from lowbit.quant import functional as F
+from lowbit.quant.calibrate import init_range
+from lowbit.quant.quantizer import Quantizer
+
+__all__ = [
+    "LowRankQuantLinear",
+    "to_fixed_point",
+    "from_fixed_point",
+    "prepare_lrqat",
+    "merge",
+    "LLAMA_TARGETS",
+    "PHI_KINDS",
+]
+
+LLAMA_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "*up_proj", "*down_proj")
+PHI_KINDS = ("fixed_point8", "bf16", "fp32", "int")
+
+
+def to_fixed_point(x: Tensor, bits: int) -> Tensor:
+    """``int8(round(2^(8−b)·clip(x, −2^(b−1), 2^(b−1)−1)))``: Q(b).(8−b) fixed point of grid values."""
+    qmin, qmax = F.int_range(bits, True)
+    return torch.round(x.clamp(qmin, qmax) * 2.0 ** (8 - bits)).to(torch.int8)
+
+
+def from_fixed_point(y: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``y / 2^(8−b)`` as ``dtype``: the inverse of ``to_fixed_point`` on its grid (exact)."""
+    return y.to(dtype) * 2.0 ** (bits - 8)
+
+
+class LowRankQuantLinear(nn.Module):
+    """A linear layer trained by LR-QAT: frozen down-cast ``Φ0``, trainable ``A``, ``B`` and scale ``s``."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        rank: int,
+        alpha: float = 1.0,
+        phi: str = "fixed_point8",
+        checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        if phi not in PHI_KINDS:
+            raise ConfigError(f"phi={phi!r} is not allowed: use one of {', '.join(PHI_KINDS)}")
+        if phi == "fixed_point8" and not (spec.symmetric and spec.signed in (None, True)):
+            raise ConfigError("phi='fixed_point8' needs a symmetric signed grid: use phi='bf16' for asymmetric ones")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_f, in_f):
+            raise ConfigError(f"rank={rank!r} is not allowed for a {out_f}×{in_f} layer: use 1..{min(out_f, in_f)}")
+        self.in_features, self.out_features = in_f, out_f
+        self.rank, self.alpha, self.phi, self.use_checkpoint = rank, float(alpha), phi, checkpoint
+        self.weight_quantizer = Quantizer(spec, (out_f, in_f))
+        w0 = linear.weight.detach().float()
+        with torch.no_grad():
+            init_range(self.weight_quantizer, w0)
+            self.weight_quantizer.initialized.fill_(True)
+        q = self.weight_quantizer
+        qmin, qmax = q.int_grid()
+        s0, _ = q.qparams(w0, qmax)
+        with torch.no_grad():
+            ratio = q._view(w0) / F.positive_scale(s0, F.SCALE_EPS)  # W0 / s0 in the quantizer's view
+            ratio = ratio.reshape(out_f, in_f)
+        if phi == "fixed_point8":
+            self.register_buffer("phi0", to_fixed_point(ratio, spec.bits))
+        elif phi == "bf16":
+            self.register_buffer("phi0", ratio.clamp(qmin, qmax).to(torch.bfloat16))
+        elif phi == "fp32":
+            self.register_buffer("phi0", ratio.clamp(qmin, qmax).contiguous())
+        else:  # int: round-to-nearest integers, packed at b bits
+            ints = torch.round(ratio).clamp(qmin, qmax).to(torch.int32)
+            self.register_buffer("phi0", pack(ints, spec.bits, bool(q.signed)))
+        self.lora_a = nn.Parameter(torch.zeros(out_f, rank))
+        self.lora_b = nn.Parameter(torch.empty(rank, in_f))
+        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def phi0_float(self) -> Tensor:
+        """``Φ0`` upcast to float32, (out, in)."""
+        q = self.weight_quantizer
+        bits = int(q.bits)
+        if self.phi == "fixed_point8":
+            return from_fixed_point(self.phi0, bits)
+        if self.phi == "int":
+            n = self.out_features * self.in_features
+            return unpack(self.phi0, bits, bool(q.signed), n).reshape(self.out_features, self.in_features).float()
+        return self.phi0.float()
+
+    def int_weight(self) -> Tensor:
+        """``clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)`` (float dtype, STE gradients to A and B)."""
+        qmin, qmax = self.weight_quantizer.int_grid()
+        t = self.phi0_float() + (self.alpha / self.rank) * (self.lora_a @ self.lora_b)
+        return F.round_ste(t).clamp(qmin, qmax)
+
+    def _weight_and_linear(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor) -> Tensor:
+        q = self.weight_quantizer
+        w_int = self.int_weight()
+        w = (q._view(w_int) * q._broadcast(F.positive_scale(scale, F.SCALE_EPS), w_int)).reshape(w_int.shape)
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = (x, self.lora_a, self.lora_b, self.weight_quantizer.scale)
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._weight_and_linear, *args, use_reentrant=False, preserve_rng_state=False)
+        return self._weight_and_linear(*args)
+
+    @torch.no_grad()
+    def to_int(self) -> Tensor:
+        """The merged integers ``W_int`` (int8, or int16 for unsigned 8-bit), exactly those ``forward`` uses."""
+        qmin, qmax = self.weight_quantizer.int_grid()
+        return self.int_weight().round().to(int_dtype(qmin, qmax))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, phi={self.phi}"
+
+
+def prepare_lrqat(
+    model: nn.Module,
+    bits: int = 4,
+    rank: int = 32,
+    alpha: float = 1.0,
+    granularity: str = "channel",
+    group_size: int | None = None,
+    targets: tuple[str, ...] | list[str] = LLAMA_TARGETS,
+    phi: str = "fixed_point8",
+    init: str = "lp",
+    checkpoint: bool = True,
+) -> nn.Module:
+    """Swap the linears whose names match ``targets`` (globs) for ``LowRankQuantLinear``; freeze the rest.
+
+    Afterwards exactly the adapters ``lora_a``, ``lora_b`` and the weight scales require gradients.
+    """
+    from lowbit.api import _set_submodule
+
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init=init)
+    names = [n for n, m in model.named_modules() if n]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, t) for t in targets)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not chosen:
+        raise ConfigError(
+            f"targets={list(targets)} match no module: linear layers are {linears[:12]}"
+            + (" ..." if len(linears) > 12 else "")
+        )
+    modules = dict(model.named_modules())
+    for n in chosen:
+        if not isinstance(modules[n], nn.Linear):
+            kind = type(modules[n]).__name__
+            raise ConfigError(f"target {n!r} is a {kind}, not nn.Linear: linears are {linears[:12]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in chosen:
+        try:
+            layer = LowRankQuantLinear(modules[n], spec, rank, alpha, phi, checkpoint)
+        except ValueError as e:  # e.g. a group size that does not divide the layer
+            raise ConfigError(f"layer {n!r}: {e}") from None
+        _set_submodule(model, n, layer.to(modules[n].weight.device))
+    return model
+
+
+@torch.no_grad()
+def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every ``LowRankQuantLinear`` by an ``IntLinear`` holding ``W_int`` and the scale ``s``.
+
+    The merged model's outputs equal the LR-QAT model's (same integers, same scales, same float path).
+    """
+    import copy
+
+    from lowbit.api import _set_submodule
+
+    out = model if inplace else copy.deepcopy(model)
+    for name, m in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankQuantLinear)]:
+        q = m.weight_quantizer
+        scale, _ = q.export_qparams()
+        qweight = _IntWeight(
+            m.to_int(), scale, None, int(q.bits), bool(q.signed), q.granularity, q.axis, q.group_size, None
+        )
+        bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        _set_submodule(out, name, IntLinear(m.in_features, m.out_features, qweight, bias))
+    return out.eval()
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, Any]:
+    """Names of the parameters that require gradients (for checks and logs)."""
+    return {n: p.shape for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,134 @@
+"""LR-QAT: fixed-point down-cast, step 0 = round-to-nearest, only A/B/s train, exact merge, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import ConfigError
+from lowbit.methods.lrqat import LowRankQuantLinear, from_fixed_point, merge, prepare_lrqat, to_fixed_point
+from lowbit.quant import functional as F
+
+
+class Block(nn.Module):
+    """A LLaMA-shaped toy block: attention projections and a gated MLP, named like Hugging Face's."""
+
+    def __init__(self, d: int = 32, hidden: int = 48) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        a = torch.softmax(self.q_proj(h) @ self.k_proj(h).transpose(-1, -2) / 4, -1) @ self.v_proj(h)
+        x = x + self.o_proj(a)
+        return x + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(50, 32), Block(), Block(), nn.Linear(32, 50))
+
+
+TOKENS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_fixed_point_round_trip_is_exact_on_its_grid(bits: int) -> None:
+    qmin, qmax = F.int_range(bits, True)
+    step = 2.0 ** (bits - 8)
+    grid = torch.arange(qmin / step, qmax / step + 1) * step  # every Q(b).(8−b) value in [qmin, qmax]
+    y = to_fixed_point(grid, bits)
+    assert y.dtype == torch.int8
+    assert torch.equal(from_fixed_point(y, bits), grid)
+    x = torch.randn(1000) * 3
+    err = (from_fixed_point(to_fixed_point(x, bits), bits) - x.clamp(qmin, qmax)).abs().max()
+    assert float(err) <= step / 2 + 1e-7
+
+
+@pytest.mark.parametrize("phi", ["fixed_point8", "bf16", "fp32", "int"])
+def test_step_zero_is_round_to_nearest_of_phi0(phi: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    layer = LowRankQuantLinear(lin, lowbit.QuantSpec(bits=4, init="lp"), rank=4, phi=phi)
+    q = layer.weight_quantizer
+    s = F.positive_scale(q.scale.detach(), F.SCALE_EPS).reshape(-1, 1)
+    rtn = torch.clamp(torch.round(lin.weight.detach() / s), -8, 7)
+    ints = layer.to_int().float()
+    if phi in ("fp32", "int"):
+        assert torch.equal(ints, rtn)
+    else:  # Φ0 is rounded to the down-cast grid first: only values within its precision of a tie may differ
+        assert float((ints != rtn).float().mean()) < 0.05
+        assert torch.equal(ints, torch.round(layer.phi0_float()).clamp(-8, 7))
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, ints * s, lin.bias))
+
+
+def test_only_adapters_and_scales_train() -> None:
+    model = prepare_lrqat(_model(), bits=3, rank=4)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_a", "lora_b", "weight_quantizer.scale")) for n in names)
+    assert len(names) == 2 * 7 * 3
+    model(TOKENS).sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in names), n
+    # A starts at 0, so only A (and the scales) get a gradient at step 0; B's gradient is A-weighted
+    layer = model[1].q_proj
+    assert float(layer.lora_a.grad.abs().sum()) > 0 and float(layer.lora_b.grad.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("granularity, group_size, phi", [("channel", None, "fixed_point8"), ("group", 16, "int")])
+def test_merge_is_exact_after_training(tmp_path: Path, granularity: str, group_size: int | None, phi: str) -> None:
+    model = prepare_lrqat(_model(), bits=3, rank=4, granularity=granularity, group_size=group_size, phi=phi)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(TOKENS).reshape(-1, 50), TOKENS.roll(1, 1).reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert float(model[1].q_proj.lora_a.detach().abs().sum()) > 0
+    with torch.no_grad():
+        ref = model(TOKENS)
+        merged = merge(model)
+        assert torch.equal(merged(TOKENS), ref)
+        for name, m in model.named_modules():
+            if isinstance(m, LowRankQuantLinear):
+                int_layer = dict(merged.named_modules())[name]
+                assert torch.equal(int_layer.qweight.weight_int, m.to_int())
+        lowbit.save(merged, tmp_path / "llm.safetensors")
+        loaded = lowbit.load(tmp_path / "llm.safetensors", model=_model(seed=5))
+        assert torch.equal(loaded(TOKENS), ref)
+
+
+def test_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for ck in (True, False):
+        model = prepare_lrqat(_model(), bits=4, rank=2, checkpoint=ck)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LowRankQuantLinear):
+                    m.lora_a.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+        model(TOKENS).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_targets_and_ranks() -> None:
+    with pytest.raises(ConfigError, match="match no module"):
+        prepare_lrqat(_model(), targets=["*attn.c_proj"])
+    with pytest.raises(ConfigError, match="not nn.Linear"):
+        prepare_lrqat(_model(), targets=["*norm"])
+    with pytest.raises(ConfigError, match="rank=40"):
+        prepare_lrqat(_model(), rank=40)
+    with pytest.raises(ConfigError, match="fixed_point8"):
+        LowRankQuantLinear(nn.Linear(8, 8), lowbit.QuantSpec(bits=2, symmetric=False), rank=2)
+    with pytest.raises(ConfigError, match="group_size"):
+        prepare_lrqat(_model(), rank=2, granularity="group", group_size=7)

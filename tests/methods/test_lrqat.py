@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,48 @@ def test_bad_targets_and_ranks() -> None:
         LowRankQuantLinear(nn.Linear(8, 8), lowbit.QuantSpec(bits=2, symmetric=False), rank=2)
     with pytest.raises(ConfigError, match="group_size"):
         prepare_lrqat(_model(), rank=2, granularity="group", group_size=7)
+
+
+def test_baselines_train_what_they_should() -> None:
+    scales = prepare_lrqat(_model(), bits=4, rank=4, method="scales_only")
+    names = {n for n, p in scales.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith("weight_quantizer.scale") for n in names)
+    qlora = prepare_lrqat(_model(), bits=4, rank=4, method="qlora")
+    names = {n for n, p in qlora.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+    rtn = prepare_lrqat(_model(), bits=4, rank=4, phi="fp32")
+    with torch.no_grad():  # at step 0 all three are the same round-to-nearest model
+        ref = rtn(TOKENS)
+        torch.testing.assert_close(qlora(TOKENS), ref)
+        torch.testing.assert_close(scales(TOKENS), prepare_lrqat(_model(), bits=4, rank=4)(TOKENS))
+    with pytest.raises(ConfigError, match="method='lsq'"):
+        prepare_lrqat(_model(), method="lsq")
+
+
+def test_hugging_face_llama_merge_save_load(tmp_path: Path) -> None:
+    """A tiny random LLaMA (tied embeddings): LR-QAT → merge → save → load rebuilds it from its HF config."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
+    assert sum(isinstance(m, LowRankQuantLinear) for m in model.modules()) == 14
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LowRankQuantLinear):
+                m.lora_a.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+        ref = model(ids).logits
+        merged = merge(model)
+        assert torch.equal(merged(ids).logits, ref)
+        path = lowbit.save(merged, tmp_path / "llm.safetensors")
+        loaded = lowbit.load(path)
+        assert type(loaded).__name__ == "LlamaForCausalLM"
+        assert torch.equal(loaded(ids).logits, ref)
+        assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr(), "still tied"
+    # the tied embedding is stored once
+    meta = json.loads((tmp_path / "llm.json").read_text())
+    assert meta["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}

@@ -10,7 +10,8 @@ The file (``format_version`` 1) holds, as safetensors tensors:
 
 and in the safetensors metadata, under ``"lowbit"``, one JSON object::
 
-    {"format_version": 1, "architecture": {"registry": "mobilenetv2", "args": {...}} | null,
+    {"format_version": 1, "architecture": {"registry": "mobilenetv2", "args": {...}}
+                                        | {"hf_class": "LlamaForCausalLM", "hf_config": {...}} | null,
      "layers": {L: {"kind": "linear" | "conv2d", "shape": [...], "bits": 4, "signed": true,
                     "granularity": "channel", "axis": 0, "group_size": null,
                     "input": {"bits", "signed", "symmetric", "granularity", "axis"} | null}},
@@ -77,7 +78,7 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
     path = Path(path)
     if not any(isinstance(m, INT_LAYERS) for m in model.modules()):
         model = convert(model)
-    arch = architecture if architecture is not None else getattr(model, "lowbit_architecture", None)
+    arch = architecture if architecture is not None else _architecture_of(model)
     tensors: dict[str, Tensor] = {}
     layers: dict[str, Any] = {}
     int_prefixes = []
@@ -108,10 +109,21 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
             if iq.zero_point is not None:
                 tensors[f"{name}.input_zero_point"] = iq.zero_point.detach().float().contiguous()
         layers[name] = entry
+    aliases: dict[str, str] = {}  # tied tensors (e.g. embeddings and LM head) are stored once
+    first: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
     for k, v in model.state_dict().items():
-        if not any(k.startswith(p) for p in int_prefixes):
-            tensors[k] = v.detach().contiguous()
+        if any(k.startswith(p) for p in int_prefixes):
+            continue
+        key = (v.untyped_storage().data_ptr(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in first and v.is_contiguous():
+            aliases[k] = first[key]
+            continue
+        if key is not None:
+            first[key] = k
+        tensors[k] = v.detach().contiguous()
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "architecture": arch, "layers": layers}
+    if aliases:
+        meta["aliases"] = aliases
     meta["sha256"] = _digest(meta, tensors)
     text = json.dumps(meta, separators=(",", ":"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +137,34 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
         tmp.unlink(missing_ok=True)
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return path
+
+
+def _architecture_of(model: nn.Module) -> dict[str, Any] | None:
+    """What ``load`` needs to rebuild ``model``: a registry entry, a Hugging Face config, or nothing."""
+    arch = getattr(model, "lowbit_architecture", None)
+    config = getattr(model, "config", None)
+    if arch is None and config is not None and hasattr(config, "to_dict") and hasattr(model, "base_model_prefix"):
+        arch = {"hf_class": type(model).__name__, "hf_config": config.to_dict()}
+    return arch
+
+
+def _build(arch: dict[str, Any]) -> nn.Module:
+    if "registry" in arch:
+        from lowbit.models import build_model
+
+        return build_model(arch["registry"], **arch.get("args", {}))
+    if "hf_class" in arch:
+        try:
+            import transformers
+        except ImportError:
+            raise ConfigError('this file holds a Hugging Face model: pip install "lowbit[llm]"') from None
+        cls = getattr(transformers, str(arch["hf_class"]), None)
+        if cls is None or not str(arch["hf_class"]).endswith(("ForCausalLM", "Model")):
+            raise FormatError(f"architecture class {arch['hf_class']!r} is not a transformers model class")
+        cfg = dict(arch["hf_config"])
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return cls(config)
+    raise FormatError(f"architecture {sorted(arch)} is neither a registry model nor a Hugging Face config")
 
 
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -251,7 +291,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     ``model`` (the float architecture, e.g. a freshly built skeleton) is filled in place and returned.
     """
     from lowbit.api import _set_submodule
-    from lowbit.models import build_model
 
     path = Path(path)
     meta, tensors = _read(path)
@@ -263,7 +302,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                     f"model file {str(path)!r} records no architecture: pass the float model, "
                     "lowbit.load(path, model=skeleton)"
                 )
-            model = build_model(arch["registry"], **arch.get("args", {}))
+            model = _build(arch)
         layers = meta["layers"]
         if not isinstance(layers, dict):
             raise FormatError("'layers' is not a mapping")
@@ -272,6 +311,13 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             if name not in modules:
                 raise FormatError(f"layer {name!r} of the file does not exist in the model")
             _set_submodule(model, name, _int_layer(name, spec, modules[name], tensors))
+        aliases = meta.get("aliases", {})
+        if not isinstance(aliases, dict):
+            raise FormatError("'aliases' is not a mapping")
+        for k, target in aliases.items():
+            if target not in tensors:
+                raise FormatError(f"alias {k!r} points to {target!r}, which is not in the file")
+            tensors[k] = tensors[target]
         missing, unexpected = [], dict(tensors)
         rest = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
         for k in rest:

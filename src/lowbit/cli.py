@@ -5,6 +5,9 @@
     lowbit export RUN [--format lowbit|onnx] [--out PATH]
     lowbit report RUN
     lowbit recipes
+    lowbit memory [--config llama2-7b|smollm2-135m|PATH] [--method NAME|all] [--batch N] [--seq-len N]
+                  [--bits B] [--rank R] [--phi PHI] [--group-size G] [--dtype fp32|bf16]
+                  [--block-checkpointing] [--grad-accumulation]
 
 RECIPE is a YAML file or the name of a shipped recipe (``lowbit recipes`` lists them). Errors a user can
 fix (bad keys or values, missing data, damaged checkpoints) print one line saying what and how, and exit
@@ -166,6 +169,41 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    import torch
+
+    from lowbit.memory import METHODS, estimate_training_memory, load_config
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        raise ConfigError(f"--dtype={args.dtype!r} is not allowed: use one of {', '.join(dtypes)}")
+    if args.method != "all" and args.method not in METHODS:
+        raise ConfigError(f"--method={args.method!r} is not allowed: use all or one of {', '.join(METHODS)}")
+    config = load_config(args.config)
+    kw = dict(
+        bits=args.bits, rank=args.rank, phi=args.phi, batch=args.batch, seq_len=args.seq_len,
+        dtype=dtypes[args.dtype], block_checkpointing=args.block_checkpointing,
+        grad_accumulation=args.grad_accumulation,
+        granularity="channel" if args.group_size is None else "group", group_size=args.group_size,
+    )  # fmt: skip
+    cols = ["frozen", "trainable", "gradients", "optimizer", "activations", "intermediate", "logits", "total"]
+    rows = [["method", "frozen", "trainable", "grads", "AdamW", "activations", "Ŵ saved", "logits", "total (peak)"]]
+    for m in METHODS if args.method == "all" else [args.method]:
+        est = estimate_training_memory(config, m, **kw)
+        rows.append([m, *(f"{est[c] / 2**30:.2f}" for c in cols)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    grid = "per channel" if args.group_size is None else f"per group of {args.group_size}"
+    print(
+        f"{args.config}: batch {args.batch} x seq {args.seq_len}, {args.dtype} weights, W{args.bits} {grid}, "
+        f"rank {args.rank}, phi {args.phi}{', block checkpointing' if args.block_checkpointing else ''}"
+        f"{', gradient accumulation' if args.grad_accumulation else ''} (GiB)"
+    )
+    for r in rows:
+        print("  " + "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]))
+    print("  total is the step's peak, not the row's sum: activations are freed as gradients arrive (lowbit.memory)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantization-aware training to low-bit integer models")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
@@ -193,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(func=cmd_recipes)
+    mm = sub.add_parser("memory", help="predict the peak training memory of LLM QAT methods (lrqat, full_qat, ...)")
+    mm.add_argument("--config", default="llama2-7b", help="llama2-7b, smollm2-135m or a config.json path")
+    mm.add_argument("--method", default="all", help="all (default), eval, fp32, full_qat, lrqat, scales_only, qlora")
+    mm.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    mm.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    mm.add_argument("--bits", type=int, default=4, help="weight bits (default 4)")
+    mm.add_argument("--rank", type=int, default=32, help="adapter rank of lrqat and qlora (default 32)")
+    mm.add_argument("--phi", default="fixed_point8", help="storage of Φ0: fixed_point8 (default), bf16, fp32, int")
+    mm.add_argument("--group-size", type=int, default=None, help="quantize per group of G inputs (default: channel)")
+    mm.add_argument("--dtype", default="bf16", help="weights: bf16 (default, as the paper) or fp32")
+    mm.add_argument("--block-checkpointing", action="store_true", help="recompute each decoder block in backward")
+    mm.add_argument("--grad-accumulation", action="store_true", help="gradients stay alive across micro-batches")
+    mm.set_defaults(func=cmd_memory)
     return p
 
 

@@ -7,6 +7,15 @@ dataset names is ``DATASETS`` in ``lowbit.data.vision``.
 
 from __future__ import annotations
 
+from lowbit.data.text import (
+    CORPORA,
+    iterate_token_batches,
+    load_corpus,
+    sliding_window_perplexity,
+    split_tokens,
+    token_blocks,
+    tokenize_corpus,
+)
 from lowbit.data.vision import (
     DATASETS,
     VisionData,
@@ -18,11 +27,18 @@ from lowbit.data.vision import (
 )
 
 __all__ = [
+    "CORPORA",
     "DATASETS",
     "VisionData",
     "epoch_generator",
     "iterate_batches",
+    "iterate_token_batches",
+    "load_corpus",
     "load_dataset",
     "num_batches",
     "read_idx",
+    "sliding_window_perplexity",
+    "split_tokens",
+    "token_blocks",
+    "tokenize_corpus",
 ]

@@ -3,6 +3,7 @@
     lowbit train RECIPE [key=value ...] [--resume] [--name NAME] [--runs DIR]
     lowbit eval RUN
     lowbit export RUN [--format lowbit|onnx] [--out PATH]
+    lowbit generate MODEL "prompt" [--max-new-tokens N] [--tokenizer DIR]
     lowbit report RUN
     lowbit recipes
     lowbit memory [--config llama2-7b|smollm2-135m|PATH] [--method NAME|all] [--batch N] [--seq-len N]
@@ -149,6 +150,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from lowbit.export.io import load
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(args.model)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = path / "model.safetensors"
+    model = load(path)
+    if not callable(getattr(model, "generate", None)):
+        raise ConfigError(f"{str(path)!r} holds a {type(model).__name__}, not a Hugging Face causal LM")
+    from lowbit.llm import CACHE
+
+    tok_dir = Path(args.tokenizer) if args.tokenizer else next(
+        (d for d in (folder / "tokenizer", folder, CACHE) if (d / "tokenizer_config.json").is_file()), None
+    )
+    if tok_dir is None:
+        raise ConfigError(f"no tokenizer found beside {str(path)!r}: pass --tokenizer DIR (a saved HF tokenizer)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    enc = tok(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.report import write_report
 
@@ -226,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["lowbit", "onnx"], default="lowbit", help="default: lowbit (safetensors)")
     x.add_argument("--out", help="output path (default: RUN/model.safetensors or RUN/model.onnx)")
     x.set_defaults(func=cmd_export)
+    g = sub.add_parser("generate", help="generate text (greedy) with a saved integer LLM")
+    g.add_argument("model", help="a model.safetensors written by lowbit.save, or the folder holding it")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--tokenizer", help="folder of a saved HF tokenizer (default: beside the model, else SmolLM2's)")
+    g.set_defaults(func=cmd_generate)
     rp = sub.add_parser("report", help="write plots and a self-contained report.html for a run")
     rp.add_argument("run", help="run directory, e.g. runs/default")
     rp.set_defaults(func=cmd_report)

@@ -178,3 +178,27 @@ def test_hugging_face_llama_merge_save_load(tmp_path: Path) -> None:
     # the tied embedding is stored once
     meta = json.loads((tmp_path / "llm.json").read_text())
     assert meta["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_generate_from_a_saved_integer_llm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lowbit generate` reloads a merged LLM and its tokenizer from a folder and prints greedy text."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from lowbit.cli import main
+
+    words = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "ran", "to", "the", "cat"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    bpe = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="the"))
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    )
+    model = prepare_lrqat(transformers.LlamaForCausalLM(cfg).eval(), bits=4, rank=2)
+    lowbit.save(merge(model), tmp_path / "model.safetensors")
+    assert main(["generate", str(tmp_path), "the cat", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert text.startswith("the cat") and len(text.split()) == 7

@@ -187,8 +187,10 @@ class QLoRALinear(nn.Module):
         self.register_buffer("weight", (q._view(w) * q._broadcast(scale, w)).reshape(w.shape), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
-        return y + (self.alpha / self.rank) * nn.functional.linear(nn.functional.linear(x, self.lora_b), self.lora_a)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = nn.functional.linear(x, self.weight.to(x.dtype), bias)
+        lora = nn.functional.linear(nn.functional.linear(x, self.lora_b.to(x.dtype)), self.lora_a.to(x.dtype))
+        return y + (self.alpha / self.rank) * lora
 
 
 METHOD_KINDS = ("lrqat", "scales_only", "qlora")

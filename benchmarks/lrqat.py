@@ -63,7 +63,6 @@ def _prepare(model: torch.nn.Module, row: str, bits: int, gran: str, gs: int | N
 
 def one_row(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.data.text import load_corpus, sliding_window_perplexity, split_tokens, token_blocks, tokenize_corpus
-
     from lowbit.llm import load_smollm2, train_steps
 
     torch.manual_seed(0)

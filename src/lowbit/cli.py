@@ -61,7 +61,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: dict, report: Path | None = None) -> None:
     ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
     rows = [
         ("model / dataset", f"{s['model']} / {s['dataset']}"),
@@ -76,6 +76,7 @@ def _print_summary(s: dict) -> None:
         ("float size", f"{s['float_bytes']:,} bytes"),
         ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
         ("time", f"{s['train_seconds']:.0f} s (QAT {s['qat_seconds']:.0f} s)"),
+        *([("report", str(report))] if report is not None else []),
     ]
     print(_table(rows))
 
@@ -93,9 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     print(f"run {run_dir} (recipe {path})")
     summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
-    _print_summary(summary)
-    if (run_dir / "report.html").is_file():
-        print(_table([("report", str(run_dir / "report.html"))]))
+    report = run_dir / "report.html"
+    _print_summary(summary, report if report.is_file() else None)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowbit.config import QuantSpec
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import IntLinear, _IntWeight, int_dtype
+from lowbit.export.intmodules import IntLinear, _IntWeight, dequantize_weight, int_dtype
 from lowbit.export.pack import pack, unpack
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import init_range
@@ -140,8 +139,10 @@ class LowRankQuantLinear(nn.Module):
 
     def _weight_and_linear(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor) -> Tensor:
         q = self.weight_quantizer
-        w_int = self.int_weight()
-        w = (q._view(w_int) * q._broadcast(F.positive_scale(scale, F.SCALE_EPS), w_int)).reshape(w_int.shape)
+        # the same dequantization the merged IntLinear uses, so merging is exact
+        w = dequantize_weight(
+            self.int_weight(), F.positive_scale(scale, F.SCALE_EPS), None, q.granularity, q.axis, q.group_size
+        )
         return nn.functional.linear(x, w.to(x.dtype), self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -182,9 +183,9 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
         self.bias = base.bias
         q = self.weight_quantizer
-        w = self.weight_int.float()
         scale = F.positive_scale(q.scale.detach(), F.SCALE_EPS)
-        self.register_buffer("weight", (q._view(w) * q._broadcast(scale, w)).reshape(w.shape), persistent=False)
+        w = dequantize_weight(self.weight_int, scale, None, q.granularity, q.axis, q.group_size)
+        self.register_buffer("weight", w, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -268,8 +269,3 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
         bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         _set_submodule(out, name, IntLinear(m.in_features, m.out_features, qweight, bias))
     return out.eval()
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, Any]:
-    """Names of the parameters that require gradients (for checks and logs)."""
-    return {n: p.shape for n, p in model.named_parameters() if p.requires_grad}

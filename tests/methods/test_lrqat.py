@@ -108,18 +108,59 @@ def test_merge_is_exact_after_training(tmp_path: Path, granularity: str, group_s
         assert torch.equal(loaded(TOKENS), ref)
 
 
-def test_checkpointing_gives_the_same_gradients() -> None:
+@pytest.mark.parametrize(
+    ("granularity", "group_size", "rank", "phi"),
+    [
+        ("channel", None, 2, "fixed_point8"),
+        ("group", 16, 2, "fixed_point8"),
+        ("channel", None, 0, "bf16"),
+        ("tensor", None, 3, "int"),
+    ],
+)
+def test_recomputing_function_gives_autograds_gradients(
+    granularity: str, group_size: int | None, rank: int, phi: str
+) -> None:
+    """The hand-written backward (checkpoint=True) equals autograd through the plain path, clipping included."""
     grads = []
     for ck in (True, False):
-        model = prepare_lrqat(_model(), bits=4, rank=2, checkpoint=ck)
+        model = prepare_lrqat(
+            _model(), bits=4, rank=rank, granularity=granularity, group_size=group_size, phi=phi, checkpoint=ck
+        )
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, LowRankQuantLinear):
-                    m.lora_a.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+                    m.lora_a.normal_(0, 8.0, generator=torch.Generator().manual_seed(3))  # some values clip
+                    m.weight_quantizer.scale.view(-1)[0] *= -1  # a negative raw scale: |s| with sign gradient
         model(TOKENS).pow(2).mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        grads.append([(n, p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad])
+    for (name, a), (_, b) in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    clipped = [m for m in model.modules() if isinstance(m, LowRankQuantLinear)]
+    assert (
+        any(bool((m._build(m.lora_a, m.lora_b, m.weight_quantizer.scale)[1]).logical_not().any()) for m in clipped)
+        or rank == 0
+    )
+
+
+def test_recomputing_function_with_bias_and_batched_input() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12, bias=True)
+    layers = [
+        LowRankQuantLinear(lin, lowbit.QuantSpec(bits=3, init="minmax"), 4, checkpoint=ck) for ck in (True, False)
+    ]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 5, 16)
+    grads = []
+    for layer in layers:
+        layer.bias.requires_grad_(True)
+        with torch.no_grad():
+            layer.lora_a.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.sin().sum().backward()
+        grads.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_targets_and_ranks() -> None:
@@ -156,8 +197,14 @@ def test_hugging_face_llama_merge_save_load(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
@@ -194,8 +241,16 @@ def test_generate_from_a_saved_integer_llm(tmp_path: Path, capsys: pytest.Captur
     tok.save_pretrained(tmp_path / "tokenizer")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, eos_token_id=None, bos_token_id=None,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
     )
     model = prepare_lrqat(transformers.LlamaForCausalLM(cfg).eval(), bits=4, rank=2)
     lowbit.save(merge(model), tmp_path / "model.safetensors")

@@ -147,6 +147,24 @@ def test_set_bits_changes_grid_without_new_modules() -> None:
         q.set_bits(0)
 
 
+def test_cached_grid_follows_every_way_bits_can_change() -> None:
+    """``int_grid`` is cached (no device sync per call) but never stale: in-place writes, load_state_dict, ``.to``."""
+    w = _weight(8, 16, seed=4)
+    q = _ready(QuantSpec(bits=4, granularity="channel", init="minmax"), w)
+    assert q.int_grid() == (-8, 7) and q.nbits == 4
+    q.set_bits(3)
+    assert q.int_grid() == (-4, 3) and q.nbits == 3
+    q.bits.fill_(5)
+    assert q.int_grid() == (-16, 15)
+    other = Quantizer(QuantSpec(bits=2, granularity="channel", signed=False, init="minmax"), tuple(w.shape))
+    assert other.int_grid() == (0, 3) and other.nbits == 2
+    other.load_state_dict(q.state_dict())
+    assert other.int_grid() == (-16, 15) and other.nbits == 5
+    q.to(torch.float64)  # buffers replaced by new tensors (same for a device move)
+    q.bits.fill_(2)
+    assert q.int_grid() == (-2, 1) and q.nbits == 2
+
+
 def test_state_dict_round_trip_keeps_bits_and_scale() -> None:
     spec = QuantSpec(bits=4, granularity="channel", symmetric=False, init="minmax")
     w = _weight(8, 16, seed=5)

@@ -123,8 +123,24 @@ class Quantizer(nn.Module):
 
     # -- the grid -------------------------------------------------------------------------------
     def int_grid(self) -> tuple[int, int]:
-        """``(qmin, qmax)`` from the ``bits`` and ``signed`` buffers (read on each call: bits may change)."""
-        return F.int_range(int(self.bits), bool(self.signed))
+        """``(qmin, qmax)`` from the ``bits`` and ``signed`` buffers.
+
+        Reading a GPU buffer into Python waits for the device, and a training step asks hundreds of
+        times, so the answer is kept until either buffer is replaced (``.to``, ``load_state_dict``) or
+        written in place (``set_bits``, ``fill_``, ``copy_``: each bumps the tensor's version counter).
+        """
+        key = (id(self.bits), self.bits._version, id(self.signed), self.signed._version)
+        cached = self.__dict__.get("_grid_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, F.int_range(int(self.bits), bool(self.signed)))
+            self.__dict__["_grid_cache"] = cached
+        return cached[1]
+
+    @property
+    def nbits(self) -> int:
+        """``bits`` as a Python int (see ``int_grid`` on why this does not read the buffer each time)."""
+        qmin, qmax = self.int_grid()
+        return (qmax - qmin + 1).bit_length() - 1
 
     def set_bits(self, bits: int) -> None:
         F.int_range(bits, True)  # validates

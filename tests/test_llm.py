@@ -1,0 +1,66 @@
+"""lowbit.llm: the chunked causal-LM loss and the short training loop, on tiny random LLaMA configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.llm import causal_lm_loss, train_steps
+from lowbit.methods.lrqat import prepare_lrqat
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk: int) -> None:
+    """Chunks that do not divide B·(T−1) = 3·10 included: same value and gradients as the full logits."""
+    model = _llama()
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    logits = model(ids).logits
+    ref = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = causal_lm_loss(model, ids, chunk_tokens=chunk)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_loss_of_a_model_without_a_separate_head_is_the_plain_loss() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 20))
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(2))
+    ref = nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 20), ids[:, 1:].reshape(-1))
+    assert torch.equal(causal_lm_loss(model, ids), ref)
+
+
+def test_lrqat_training_with_block_checkpointing_lowers_the_loss_and_moves_only_adapters() -> None:
+    """Decoder-block gradient checkpointing on top of the per-layer one: it trains, and only A, B, s change."""
+    model = _llama()
+    prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith(("lora_a", "lora_b", "scale"))}
+    blocks = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
+    losses = train_steps(model, blocks, steps=30, lr=1e-2, scale_lr=1e-3, batch_size=2, warmup=0.0, progress=False)
+    assert losses[-1] < losses[0] - 0.1, losses
+    for n, t in model.state_dict().items():
+        if n in frozen:
+            assert torch.equal(t, frozen[n]), f"{n} changed"

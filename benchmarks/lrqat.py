@@ -103,6 +103,7 @@ def _cpu_peak_mib() -> float:
 def one_row(args: argparse.Namespace) -> dict[str, Any]:
     from lowbit.data.text import load_corpus, sliding_window_perplexity, split_tokens, token_blocks, tokenize_corpus
     from lowbit.llm import load_smollm2, train_steps
+    from lowbit.llm_train import enable_block_checkpointing
 
     torch.manual_seed(0)
     torch.set_float32_matmul_precision(args.matmul_precision)
@@ -116,7 +117,7 @@ def one_row(args: argparse.Namespace) -> dict[str, Any]:
     _prepare(model, args.row, bits, gran, gs, args.rank)
     prep_s = time.perf_counter() - t0
     if args.block_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_block_checkpointing(model)
     import gc
 
     gc.collect()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lowbit.llm import causal_lm_loss, train_steps
+from lowbit.llm_train import enable_block_checkpointing
 from lowbit.methods.lrqat import prepare_lrqat
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +57,7 @@ def test_lrqat_training_with_block_checkpointing_lowers_the_loss_and_moves_only_
     """Decoder-block gradient checkpointing on top of the per-layer one: it trains, and only A, B, s change."""
     model = _llama()
     prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_block_checkpointing(model)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith(("lora_a", "lora_b", "scale"))}
     blocks = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
     losses = train_steps(model, blocks, steps=30, lr=1e-2, scale_lr=1e-3, batch_size=2, warmup=0.0, progress=False)

@@ -42,6 +42,16 @@ def test_recipe_smoke_runs(path: Path, tmp_path: Path) -> None:
         "qat.max_steps=2",
     ]
     recipe = load_recipe(path, small)
+    if recipe.llm is not None:  # an LLM recipe: a few steps on short windows, quick range init
+        llm_small = ["llm.steps=2", "llm.eval_windows=1", "llm.eval_window=64", "llm.seq_len=32", "llm.init=minmax",
+                     "llm.eval_every=0", "llm.checkpoint_every=0"]  # fmt: skip
+        try:
+            summary = run(load_recipe(path, small + llm_small), tmp_path / path.stem, progress=False)
+        except DatasetMissingError as e:
+            pytest.skip(str(e))
+        assert summary["quant_metric"] > 1.0 and summary["steps"] == 2
+        assert summary["quant_bytes"] < summary["float_bytes"]
+        return
     try:
         load_dataset(recipe.data.name)
     except DatasetMissingError as e:

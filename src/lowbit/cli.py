@@ -61,7 +61,35 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
+def _print_llm_summary(s: dict, report: Path | None = None) -> None:
+    ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
+    rows = [
+        ("model / method", f"{s['model']} / {s['method']} W{s['weight_bits']} {s['granularity']}"),
+        ("float perplexity (held out)", f"{s['float_metric']:.2f}"),
+        ("step 0 (round-to-nearest)", f"{s['step0_metric']:.2f}"),
+        ("integer model perplexity", f"{s['quant_metric']:.2f} ({s['quant_metric'] / s['float_metric']:.2f}x float)"),
+        *(
+            [
+                (
+                    "other corpus: float → integer",
+                    f"{s['float_other_perplexity']:.2f} → {s['quant_other_perplexity']:.2f}",
+                )
+            ]  # noqa: E501
+            if s.get("quant_other_perplexity") is not None
+            else []
+        ),
+        ("trained", f"{s['steps']} steps, {s['tokens']:,} tokens, {s['trainable_parameters']:,} parameters"),
+        ("float size", f"{s['float_bytes']:,} bytes"),
+        ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
+        ("time", f"{s['train_seconds']:.0f} s"),
+        *([("report", str(report))] if report is not None else []),
+    ]
+    print(_table(rows))
+
+
 def _print_summary(s: dict, report: Path | None = None) -> None:
+    if s.get("kind") == "llm":
+        return _print_llm_summary(s, report)
     ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
     rows = [
         ("model / dataset", f"{s['model']} / {s['dataset']}"),
@@ -112,12 +140,51 @@ def _load_run(run_arg: str):  # noqa: ANN202 - (run_dir, recipe, data, model): t
     return run_dir, recipe, data, restore_qat_model(recipe, data, run_dir / "checkpoints" / "qat.safetensors")
 
 
+def _llm_recipe(run_arg: str):  # noqa: ANN202 - the Recipe of an LLM run, or None
+    cfg = Path(run_arg) / "config.yaml"
+    if not cfg.is_file():
+        return None
+    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
+    return recipe if recipe.llm is not None else None
+
+
+def _eval_llm(run_dir: Path, recipe, as_json: bool) -> int:  # noqa: ANN001
+    from lowbit.data.text import sliding_window_perplexity, split_tokens, tokenize_corpus
+    from lowbit.export.io import load
+    from lowbit.llm_train import load_llm, load_text
+
+    cfg = recipe.llm
+    path = run_dir / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"run {str(run_dir)!r} has no model.safetensors yet: finish it with `lowbit train --resume`")
+    model = load(path)
+    _, tok = load_llm(cfg, recipe.seed)
+    _, held = split_tokens(tokenize_corpus(load_text(cfg.corpus, "corpus"), tok), cfg.heldout_fraction)
+    kw = {"window": min(cfg.eval_window, len(held)), "max_windows": cfg.eval_windows, "batch_size": 4}
+    out = {"integer_perplexity": sliding_window_perplexity(model, held, **kw)}
+    rows = [
+        ("run", str(run_dir)),
+        (f"integer model perplexity ({cfg.corpus}, held out)", f"{out['integer_perplexity']:.3f}"),
+    ]
+    if cfg.other_corpus:
+        other = tokenize_corpus(load_text(cfg.other_corpus, "other_corpus"), tok)
+        out["integer_other_perplexity"] = sliding_window_perplexity(model, other, **kw)
+        rows.append((f"integer model perplexity ({cfg.other_corpus})", f"{out['integer_other_perplexity']:.3f}"))
+    print(_table(rows))
+    if as_json:
+        print(json.dumps(out))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from lowbit.api import convert
     from lowbit.train import evaluate
 
+    llm = _llm_recipe(args.run)
+    if llm is not None:
+        return _eval_llm(Path(args.run), llm, args.json)
     run_dir, recipe, data, model = _load_run(args.run)
     with torch.no_grad():
         fq = evaluate(model, data.test_x, data.test_y, recipe.data.eval_batch_size)
@@ -138,6 +205,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.api import convert
     from lowbit.export.io import save
 
+    if _llm_recipe(args.run) is not None:
+        path = Path(args.run) / "model.safetensors"
+        raise ConfigError(
+            f"an LLM run is exported when it finishes: {str(path)!r} (+ .json, tokenizer/) is the integer model; "
+            "ONNX export of LLMs is not supported"
+        )
     run_dir, _, data, model = _load_run(args.run)
     int_model = convert(model)
     if args.format == "onnx":
@@ -167,8 +240,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{str(path)!r} holds a {type(model).__name__}, not a Hugging Face causal LM")
     from lowbit.llm import CACHE
 
-    tok_dir = Path(args.tokenizer) if args.tokenizer else next(
-        (d for d in (folder / "tokenizer", folder, CACHE) if (d / "tokenizer_config.json").is_file()), None
+    tok_dir = (
+        Path(args.tokenizer)
+        if args.tokenizer
+        else next((d for d in (folder / "tokenizer", folder, CACHE) if (d / "tokenizer_config.json").is_file()), None)
     )
     if tok_dir is None:
         raise ConfigError(f"no tokenizer found beside {str(path)!r}: pass --tokenizer DIR (a saved HF tokenizer)")
@@ -288,9 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))
     except (ConfigError, FormatError, TrainingError) as e:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import DatasetMissingError
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["load_smollm2", "train_steps", "logits_of", "causal_lm_loss", "SMOLLM2_GGUF"]
+__all__ = ["load_smollm2", "LMTrainer", "train_steps", "logits_of", "causal_lm_loss", "SMOLLM2_GGUF"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,57 @@ def _param_groups(model: nn.Module, lr: float, scale_lr: float) -> list[dict[str
     ]
 
 
+class LMTrainer:
+    """One optimizer step at a time, with state to checkpoint: the loop ``train_steps`` and ``lowbit
+    train`` (``llm_train``) share. AdamW (β = 0.9, 0.95, no weight decay), one learning rate for
+    adapters / weights and one for quantization scales, linear warm-up over ``warmup`` of ``steps``
+    then linear decay to 0, gradient clipping at 1.0, the chunked loss of ``causal_lm_loss``."""
+
+    def __init__(
+        self, model: nn.Module, steps: int, lr: float = 1e-3, scale_lr: float = 1e-5, warmup: float = 0.1
+    ) -> None:
+        self.model = model
+        self.groups = [g for g in _param_groups(model, lr, scale_lr) if g["params"]]
+        self.params = [p for g in self.groups for p in g["params"]]
+        n_warm = max(1, int(warmup * steps))
+        self.optimizer = torch.optim.AdamW(
+            self.groups or [{"params": [torch.zeros(0)]}], betas=(0.9, 0.95), weight_decay=0.0
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: min((t + 1) / n_warm, max(0.0, (steps - t) / max(steps - n_warm, 1)))
+        )
+
+    @staticmethod
+    def batch(blocks: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The ``batch_size`` blocks of step ``step``: a fixed shuffle of ``blocks`` by ``seed``, read cyclically
+        (so a resumed run sees exactly the batches an uninterrupted one would)."""
+        order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
+        return blocks[order[(step * batch_size + torch.arange(batch_size)) % blocks.shape[0]]]
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train_step(self, ids: torch.Tensor) -> float:
+        """One step on ``ids`` (B, T); returns the loss (on the host, so step timings are real)."""
+        self.model.train()
+        loss = causal_lm_loss(self.model, ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.params:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
 def train_steps(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -147,29 +198,13 @@ def train_steps(
 
     ``on_step(n)`` is called after the n-th step (the loss is already on the host, so timings are real).
     """
-    groups = [g for g in _param_groups(model, lr, scale_lr) if g["params"]]
-    if not groups or steps <= 0:
+    trainer = LMTrainer(model, steps, lr=lr, scale_lr=scale_lr, warmup=warmup)
+    if not trainer.params or steps <= 0:
         return []
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min((t + 1) / n_warm, max(0.0, (steps - t) / max(steps - n_warm, 1)))
-    )
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(blocks.shape[0], generator=g)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.train()
     losses = []
     for step in tqdm(range(steps), desc="train", disable=not progress, leave=False):
-        idx = order[(step * batch_size + torch.arange(batch_size)) % blocks.shape[0]]
-        ids = blocks[idx].to(device)
-        loss = causal_lm_loss(model, ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in groups for p in grp["params"]], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
+        losses.append(trainer.train_step(LMTrainer.batch(blocks, step, batch_size, seed).to(device)))
         if on_step is not None:
             on_step(step + 1)
     model.eval()

@@ -334,6 +334,10 @@ def _float_model(recipe: Recipe, data: VisionData, run_dir: Path, resume: bool, 
 
 def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run a recipe end to end into ``run_dir``; returns the summary (also written to summary.json)."""
+    if recipe.llm is not None:  # weight-only QAT of a causal LM: its own loop (lowbit.llm_train)
+        from lowbit.llm_train import run_llm
+
+        return run_llm(recipe, run_dir, resume=resume, progress=progress)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,24 @@ def _key(r: dict[str, Any]) -> tuple[str, str]:
     return (r["row"], "float" if r["row"] in FLOAT_ROWS else r["setting"])
 
 
-def _table(results: list[dict[str, Any]]) -> str:
+def _estimate_mib(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """``lowbit.memory``'s prediction for the row's training step, to set beside the measured peak."""
+    from lowbit.memory import CONFIGS, estimate_training_memory
+
+    if r["row"] not in TRAINED:
+        return "–"
+    bits, gran, gs = SETTINGS[r["setting"]] if r["row"] != "fp32_ft" else (4, "channel", None)
+    method = {"fp32_ft": "fp32", "lrqat_int": "lrqat"}.get(r["row"], r["row"])
+    est = estimate_training_memory(
+        CONFIGS["smollm2-135m"], method, bits=bits, rank=args.rank, granularity=gran, group_size=gs,
+        phi="int" if r["row"] == "lrqat_int" else "fixed_point8", batch=args.batch_size, seq_len=args.seq_len,
+        block_checkpointing=args.block_checkpoint, foreach=args.device.startswith("cuda"), loss_chunk=256,
+        train_embeddings=False,
+    )  # fmt: skip
+    return f"{est['total'] / 2**20:,.0f}"
+
+
+def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     fp32 = next((r for r in results if r["row"] == "fp32"), None)
     rows = []
     for r in results:
@@ -192,6 +209,7 @@ def _table(results: list[dict[str, Any]]) -> str:
                 f"{r['ppl_other']:.2f}",
                 rel_o,
                 f"{r['peak_mib']:,.0f}" if r.get("peak_mib") else "–",
+                _estimate_mib(r, args),
                 f"{r['seconds_per_step']:.3f}" if r["seconds_per_step"] else "–",
                 f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "–",
             ]
@@ -205,6 +223,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             "ppl KJV (other corpus)",
             "vs FP32",
             "peak train MiB",
+            "lowbit memory estimate MiB",
             "s / step",
             "train loss first → last 20",
         ],
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--jsonl", type=Path, help="rows so far (default: next to --out); finished rows are skipped")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from --jsonl, run nothing")
     p.add_argument("--row", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -235,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     jsonl = args.jsonl or args.out.with_suffix(".jsonl")
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     have = {_key(r) for r in done}
-    for setting in args.settings:
+    for setting in [] if args.table_only else args.settings:
         for row in args.rows:
             probe = {"row": row, "setting": setting}
             if _key(probe) in have:
@@ -278,6 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     order = {k: i for i, k in enumerate(ROWS)}
     results = sorted(done, key=lambda r: ("" if r["row"] in FLOAT_ROWS else r["setting"], order[r["row"]]))
     results.sort(key=lambda r: -1 if r["row"] in FLOAT_ROWS else list(SETTINGS).index(r["setting"]))
+    if args.table_only and args.out.is_file():  # keep the measured run's header and notes, renew the table
+        lines = args.out.read_text().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+        text = "\n".join([*lines[:first], _table(results, args), *lines[last + 1 :]]) + "\n"
+        args.out.write_text(text)
+        print(text)
+        return
     where = "CUDA allocator max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
     text = (
         f"# LR-QAT vs baselines on SmolLM2-135M-Instruct ({args.device})\n\n"
@@ -288,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         + (", decoder-block gradient checkpointing" if args.block_checkpoint else "")
         + (f", fp32 matmul precision {args.matmul_precision!r}" if args.matmul_precision != "highest" else "")
         + f"; perplexity on {args.eval_windows} windows of 512\n\n"
-        f"`python benchmarks/lrqat.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{_table(results)}\n\n"
+        f"`python benchmarks/lrqat.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+        f"{_table(results, args)}\n\n"
         f"Peak train memory: {where}, from the end of preparation to the end of training. s / step: mean after "
         "3 warm-up steps. Learning rates (weights or adapters / scales): "
         + ", ".join(f"{k} {a:g} / {b:g}" for k, (a, b) in LR.items())

@@ -46,6 +46,20 @@ def test_weights_gradients_and_adamw_by_hand(method: str) -> None:
     assert est["optimizer"] == 2 * trainable  # AdamW: exp_avg and exp_avg_sq
 
 
+def test_chunked_loss_and_frozen_embeddings_by_hand() -> None:
+    """Chunked loss: one chunk of min(B·(T−1), chunk) positions holds 3 float32 (·, vocab) tensors; with
+    frozen embeddings full QAT trains only the linears and scales (200 float values move to frozen)."""
+    full = estimate_training_memory(TINY, "lrqat", rank=2, batch=2, seq_len=9)
+    assert full["logits"] == 3 * 18 * 10 * 4
+    assert estimate_training_memory(TINY, "lrqat", rank=2, batch=2, seq_len=9, loss_chunk=5)["logits"] == 3 * 5 * 10 * 4
+    big = estimate_training_memory(TINY, "lrqat", rank=2, batch=2, seq_len=9, loss_chunk=1000)
+    assert big["logits"] == 3 * 16 * 10 * 4  # never more than the B·(T−1) scored positions
+    qat = estimate_training_memory(TINY, "full_qat", rank=2, train_embeddings=False)
+    assert (qat["frozen"], qat["trainable"]) == (FLOAT_FP32, 2 * 576 * 4 + 4 * 2 * 64)
+    with pytest.raises(ConfigError, match="loss_chunk"):
+        estimate_training_memory(TINY, "lrqat", loss_chunk=0)
+
+
 def test_phi_storage_group_scales_and_bf16_by_hand() -> None:
     def frozen(phi: str) -> float:
         return estimate_training_memory(TINY, "lrqat", rank=2, phi=phi)["frozen"]

@@ -293,6 +293,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         dtype=dtypes[args.dtype], block_checkpointing=args.block_checkpointing,
         grad_accumulation=args.grad_accumulation,
         granularity="channel" if args.group_size is None else "group", group_size=args.group_size,
+        loss_chunk=args.loss_chunk or None,
     )  # fmt: skip
     cols = ["frozen", "trainable", "gradients", "optimizer", "activations", "intermediate", "logits", "total"]
     rows = [["method", "frozen", "trainable", "grads", "AdamW", "activations", "Ŵ saved", "logits", "total (peak)"]]
@@ -357,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--dtype", default="bf16", help="weights: bf16 (default, as the paper) or fp32")
     mm.add_argument("--block-checkpointing", action="store_true", help="recompute each decoder block in backward")
     mm.add_argument("--grad-accumulation", action="store_true", help="gradients stay alive across micro-batches")
+    mm.add_argument(
+        "--loss-chunk", type=int, default=256, help="tokens per chunk of the chunked loss (default 256); 0: full logits"
+    )
     mm.set_defaults(func=cmd_memory)
     return p
 

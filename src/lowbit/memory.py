@@ -147,12 +147,19 @@ def estimate_training_memory(
     block_checkpointing: bool = False,
     grad_accumulation: bool = False,
     foreach: bool = True,
+    loss_chunk: int | None = None,
+    train_embeddings: bool = True,
 ) -> dict[str, float]:
     """Bytes of one training step of ``method`` (see the module docstring for the model).
 
     Returns ``frozen``, ``trainable``, ``gradients``, ``optimizer``, ``activations`` (incl. one
     recomputed block), ``intermediate`` (full_qat's saved fake-quantized weights), ``logits`` and
     ``total``, the step's peak (not the sum: gradients and activations are not all alive at once).
+
+    ``loss_chunk``: tokens per chunk of ``lowbit.llm.causal_lm_loss`` (head and loss recomputed per
+    chunk, so only one chunk's logits live at a time); None is the full logits of a plain loss.
+    ``train_embeddings=False``: fp32 / full_qat train the 7 linears (and scales) only, embeddings,
+    head and norms frozen, as ``lowbit train`` and ``benchmarks/lrqat.py`` do.
     """
     c = _dims(config)
     _check(method in METHODS, "method", method, f"use one of {', '.join(METHODS)}")
@@ -163,6 +170,10 @@ def estimate_training_memory(
             isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value, f"use an int >= {low}"
         )
     _check(bits <= 8, "bits", bits, "use 2..8")
+    _check(
+        loss_chunk is None or (isinstance(loss_chunk, int) and not isinstance(loss_chunk, bool) and loss_chunk >= 1),
+        "loss_chunk", loss_chunk, "None (full logits) or an int >= 1",
+    )  # fmt: skip
     _check(granularity in ("channel", "group"), "granularity", granularity, "use 'channel' or 'group'")
     h, i, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     ad, kvd = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
@@ -188,6 +199,8 @@ def estimate_training_memory(
         params = layers * weights * e + floats
         frozen = params if method == "eval" else 0
         trainable = 0 if method == "eval" else params + 4 * layers * scales * (method == "full_qat")
+        if method != "eval" and not train_embeddings:
+            frozen, trainable = floats, trainable - floats
     elif method == "qlora":  # int8 integers + cached float32 weight; frozen float32 scales
         frozen, trainable = layers * (5 * weights + 4 * scales) + floats, 4 * layers * adapters
     else:
@@ -199,7 +212,7 @@ def estimate_training_memory(
         trainable = 4 * layers * (scales + (adapters if method == "lrqat" else 0))
 
     n_tok, probs = batch * seq_len, batch * c["num_attention_heads"] * seq_len**2
-    norms_train = method in ("eval", "fp32", "full_qat")
+    norms_train = method in ("eval", "fp32", "full_qat") and train_embeddings
     block = (
         2 * n_tok * h * 4  # RMSNorm inputs, float32
         + 2 * n_tok * h * e * norms_train  # normalised inputs (norm weights train)
@@ -210,7 +223,8 @@ def estimate_training_memory(
         + 7 * n_tok * rank * 4 * (method == "qlora")  # adapters' B·x
     )
     intermediate_block = weights * (e + 1) if method == "full_qat" else 0
-    logits = (n_tok * vocab * e) if method == "eval" else 3 * n_tok * vocab * 4
+    live = n_tok if loss_chunk is None else min(n_tok, batch * (seq_len - 1), loss_chunk)
+    logits = (n_tok * vocab * e) if method == "eval" else 3 * live * vocab * 4
     out = {
         "frozen": float(frozen),
         "trainable": float(trainable),

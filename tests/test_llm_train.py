@@ -155,3 +155,22 @@ def test_other_methods_run_and_export(corpora: tuple[Path, Path], tmp_path: Path
 def test_bad_llm_config_is_a_clear_error(corpora: tuple[Path, Path], tmp_path: Path, override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         run_llm(_recipe(corpora, override), tmp_path / "bad", progress=False)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
+    corpora: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lowbit.checkpoint import load_checkpoint
+    from lowbit.errors import TrainingError
+
+    real_step, calls = LMTrainer.train_step, {"n": 0}
+
+    def nan_at_step_5(self: LMTrainer, ids: torch.Tensor) -> float:
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 5 else real_step(self, ids)
+
+    monkeypatch.setattr(LMTrainer, "train_step", nan_at_step_5)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5 .*holds step 3"):
+        run_llm(_recipe(corpora), tmp_path / "nan", progress=False)
+    assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "llm.safetensors")["step"] == 3
+    assert not (tmp_path / "nan" / "summary.json").exists()

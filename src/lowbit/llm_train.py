@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lowbit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from lowbit.config import LLMConfig, Recipe, recipe_to_dict
-from lowbit.errors import ConfigError, FormatError
+from lowbit.errors import ConfigError, FormatError, TrainingError
 
 __all__ = [
     "run_llm",
@@ -262,6 +262,16 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
     bar = tqdm(total=total, initial=step, desc=f"{cfg.method} W{cfg.bits}", disable=not progress, unit="step")
     while step < total:
         loss = trainer.train_step(LMTrainer.batch(blocks, step, cfg.batch_size, recipe.seed).to(device))
+        if not math.isfinite(loss):
+            kept = (
+                f"the checkpoint {ckpt_path} holds step {step - step % cfg.checkpoint_every}"
+                if (cfg.checkpoint_every and ckpt_path.is_file())
+                else "no checkpoint was kept"
+            )
+            raise TrainingError(
+                f"loss is {loss} at step {step + 1} ({cfg.method}, lr={cfg.lr:g}, scale_lr={cfg.scale_lr:g}); "
+                f"{kept}: lower llm.lr or llm.scale_lr and resume"
+            )
         step += 1
         loss_sum, loss_n = loss_sum + loss, loss_n + 1
         bar.update(1)

@@ -229,7 +229,10 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
     float_row = next((r for r in rows if r.get("stage") == "float"), None)
     if float_row is None:
         float_row = {"stage": "float", "step": 0, **score(model)}
-    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    float_bytes = sum(  # each storage once: a tied head shares the embedding's
+        t.untyped_storage().nbytes()
+        for t in {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values()
+    )
 
     prepare_llm(model, cfg)
     if cfg.block_checkpoint and cfg.method != "rtn" and cfg.steps:
@@ -296,6 +299,7 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
         "recipe": recipe.name,
         "kind": "llm",
         "model": cfg.model,
+        "dataset": cfg.corpus,
         "method": cfg.method,
         "weight_bits": cfg.bits,
         "granularity": cfg.granularity if cfg.granularity == "channel" else f"group {cfg.group_size}",

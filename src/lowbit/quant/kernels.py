@@ -35,7 +35,7 @@ def _build() -> ModuleType | None:
         flags.append("-march=native")
     # the cache entry is specific to the source, the flags and this CPU's instruction set
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:10]
-    log.info("lowbit: building the fused fake-quant kernel (once per machine, about a minute)")
+    log.debug("lowbit: loading the fused fake-quant kernel (built on first use per machine, about a minute)")
     return cpp_extension.load(
         name=f"lowbit_fused_fq_{digest}",
         sources=[str(_SOURCE)],

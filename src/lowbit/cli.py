@@ -313,6 +313,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lowbit.sweep import run_sweep
+
+    path = find_recipe(args.recipe)
+    _, out = run_sweep(path, args.grid, args.runs, args.name, progress=not args.no_progress, x_key=args.x)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'} and plots (*.png) in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantization-aware training to low-bit integer models")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
@@ -362,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss-chunk", type=int, default=256, help="tokens per chunk of the chunked loss (default 256); 0: full logits"
     )
     mm.set_defaults(func=cmd_memory)
+    sw = sub.add_parser("sweep", help="run a recipe over a grid of keys (resumable); write a CSV, a table and plots")
+    sw.add_argument("recipe", help="YAML file or shipped recipe name")
+    sw.add_argument("grid", nargs="+", help="key=[v1,v2,...] axes and key=value fixed overrides, "
+                    "e.g. model.args.width=[64,256] quant.weight.bits=[2,3]")  # fmt: skip
+    sw.add_argument("--name", help="sweep name (default: the recipe's name); cells go to RUNS/sweeps/NAME/")
+    sw.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
+    sw.add_argument("--x", help="swept model key for the plots' x axis, as parameter count (default: the first)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
     return p
 
 

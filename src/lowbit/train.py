@@ -375,6 +375,10 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
     methods = build_methods(recipe.methods, total_steps=math.ceil(recipe.qat.epochs * bpe))
     for m in methods:
         m.attach(model)
+    # direct quantization (post-training, before any QAT step): the baseline that retraining improves on
+    direct_metrics = evaluate(model, data.test_x, data.test_y, recipe.data.eval_batch_size)
+    _truncate_metrics(metrics, "direct", -1)
+    _append_metrics(metrics, {"stage": "direct", "step": 0, **{f"test_{k}": v for k, v in direct_metrics.items()}})
     t_qat = time.perf_counter()
     stage = Stage(
         "qat",
@@ -411,6 +415,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         "float_metric": float_metrics["accuracy"],
         "quant_metric": quant_metrics["accuracy"],
         "qat_metric": last["test_accuracy"],
+        "direct_metric": direct_metrics["accuracy"],
         "methods": [spec["name"] for spec in recipe.methods],
         "weight_bits": wspec.bits if wspec else 32,
         "act_bits": aspec.bits if aspec else 32,

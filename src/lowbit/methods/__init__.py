@@ -33,12 +33,14 @@ class Method(Protocol):
 def _registry() -> dict[str, Any]:
     from lowbit.methods.bn import BNReestimation
     from lowbit.methods.oscillation import OscillationDampening, OscillationFreezing, OscillationTracking
+    from lowbit.methods.resiliency import Resiliency
 
     return {
         "oscillation_tracking": OscillationTracking,
         "oscillation_dampening": OscillationDampening,
         "oscillation_freezing": OscillationFreezing,
         "bn_reestimation": BNReestimation,
+        "resiliency": Resiliency,
     }
 
 

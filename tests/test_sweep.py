@@ -210,3 +210,17 @@ def test_llm_summaries_give_a_table_without_plots(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["results.csv", "results.md"]
     md = (tmp_path / "s" / "results.md").read_text()
     assert "| bits | params | W bits | float (perplexity) |" in md and "| 3 | – | 3 | 250.00 | 251.00 | 244.00 |" in md
+
+
+def test_interrupted_sweep_says_how_to_continue(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lowbit.sweep
+    from lowbit.cli import main
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lowbit.sweep, "run_sweep", interrupted)
+    assert main(["sweep", "tiny", "quant.weight.bits=[2,3]"]) == 130
+    assert "continue with the same `lowbit sweep` command" in capsys.readouterr().err

@@ -319,7 +319,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     path = find_recipe(args.recipe)
     _, out = run_sweep(path, args.grid, args.runs, args.name, progress=not args.no_progress, x_key=args.x)
     print((out / "results.md").read_text())
-    print(f"results: {out / 'results.csv'}, {out / 'results.md'} and plots (*.png) in {out}")
+    plots = sorted(p.name for p in out.glob("*.png"))
+    where = f"; plots in {out}: {', '.join(plots)}" if plots else ""
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}{where}")
     return 0
 
 
@@ -393,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lowbit {args.command}: interrupted; continue with `lowbit train ... --resume`", file=sys.stderr)
+        again = "the same `lowbit sweep` command" if args.command == "sweep" else "`lowbit train ... --resume`"
+        print(f"lowbit {args.command}: interrupted; continue with {again} (finished work is kept)", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -13,25 +15,10 @@ from lowbit.methods.lrqat import prepare_lrqat
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
-def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk: int) -> None:
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk: int, tiny_llama: Callable[..., nn.Module]) -> None:
     """Chunks that do not divide B·(T−1) = 3·10 included: same value and gradients as the full logits."""
-    model = _llama()
+    model = tiny_llama(vocab_size=97, tie_word_embeddings=True)
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
     logits = model(ids).logits
     ref = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
@@ -53,9 +40,11 @@ def test_loss_of_a_model_without_a_separate_head_is_the_plain_loss() -> None:
     assert torch.equal(causal_lm_loss(model, ids), ref)
 
 
-def test_lrqat_training_with_block_checkpointing_lowers_the_loss_and_moves_only_adapters() -> None:
+def test_lrqat_training_with_block_checkpointing_lowers_the_loss_and_moves_only_adapters(
+    tiny_llama: Callable[..., nn.Module],
+) -> None:
     """Decoder-block gradient checkpointing on top of the per-layer one: it trains, and only A, B, s change."""
-    model = _llama()
+    model = tiny_llama(vocab_size=97, tie_word_embeddings=True)
     prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
     enable_block_checkpointing(model)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith(("lora_a", "lora_b", "scale"))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -192,21 +193,9 @@ def test_baselines_train_what_they_should() -> None:
         prepare_lrqat(_model(), method="lsq")
 
 
-def test_hugging_face_llama_merge_save_load(tmp_path: Path) -> None:
+def test_hugging_face_llama_merge_save_load(tmp_path: Path, tiny_llama: Callable[..., nn.Module]) -> None:
     """A tiny random LLaMA (tied embeddings): LR-QAT → merge → save → load rebuilds it from its HF config."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tie_word_embeddings=True, max_position_embeddings=64).eval()
     prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
     assert sum(isinstance(m, LowRankQuantLinear) for m in model.modules()) == 14
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))

@@ -39,6 +39,7 @@ from lowbit.config import QuantSpec
 from lowbit.errors import ConfigError
 from lowbit.export.intmodules import IntLinear, _IntWeight, dequantize_weight, int_dtype
 from lowbit.export.pack import pack, unpack
+from lowbit.llm_config import LLM_TARGETS
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import init_range
 from lowbit.quant.quantizer import Quantizer
@@ -55,7 +56,7 @@ __all__ = [
     "METHOD_KINDS",
 ]
 
-LLAMA_TARGETS = ("*q_proj", "*k_proj", "*v_proj", "*o_proj", "*gate_proj", "*up_proj", "*down_proj")
+LLAMA_TARGETS = LLM_TARGETS  # the seven linears of a LLaMA decoder block
 PHI_KINDS = ("fixed_point8", "bf16", "fp32", "int")
 
 

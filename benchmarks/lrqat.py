@@ -65,24 +65,20 @@ LR = {
 
 
 def _prepare(model: torch.nn.Module, row: str, bits: int, gran: str, gs: int | None, rank: int) -> None:
-    """Quantize ``model`` for ``row`` and set which parameters train."""
-    import lowbit
-    from lowbit.methods.lrqat import LLAMA_TARGETS, prepare_lrqat
+    """Quantize ``model`` for ``row`` and set which parameters train (``lowbit train``'s own preparation)."""
+    from lowbit.llm_config import LLMConfig
+    from lowbit.llm_train import prepare_llm
+    from lowbit.methods.lrqat import prepare_lrqat
 
     if row in FLOAT_ROWS:
         for name, p in model.named_parameters():  # the same weights full QAT trains
             p.requires_grad_(row == "fp32_ft" and "_proj." in name)
-        return
-    if row == "full_qat":
-        spec = lowbit.QuantSpec(bits=bits, granularity=gran, group_size=gs, init="lp")
-        rules = [lowbit.Rule(match=t, weight=spec) for t in LLAMA_TARGETS]
-        lowbit.prepare(model, lowbit.QuantConfig(weight=None, act=None, rules=rules))
-        for name, p in model.named_parameters():  # the paper's LSQ baseline trains the quantized layers
-            p.requires_grad_(any(k in name for k in ("_proj.", "weight_quantizer")))
-        return
-    method = {"rtn": "lrqat", "lrqat": "lrqat", "lrqat_int": "lrqat", "scales_only": "scales_only", "qlora": "qlora"}
-    phi = "int" if row == "lrqat_int" else "fixed_point8"
-    prepare_lrqat(model, bits=bits, rank=rank, granularity=gran, group_size=gs, method=method[row], phi=phi)
+    elif row == "qlora":  # a baseline only: it does not merge into integers, so recipes do not offer it
+        prepare_lrqat(model, bits=bits, rank=rank, granularity=gran, group_size=gs, method="qlora")
+    else:
+        method = "lrqat" if row == "lrqat_int" else row
+        phi = "int" if row == "lrqat_int" else "fixed_point8"
+        prepare_llm(model, LLMConfig(method=method, bits=bits, granularity=gran, group_size=gs, rank=rank, phi=phi))
 
 
 def _reset_cpu_peak() -> None:

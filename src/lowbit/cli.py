@@ -149,27 +149,23 @@ def _llm_recipe(run_arg: str):  # noqa: ANN202 - the Recipe of an LLM run, or No
 
 
 def _eval_llm(run_dir: Path, recipe, as_json: bool) -> int:  # noqa: ANN001
-    from lowbit.data.text import sliding_window_perplexity, split_tokens, tokenize_corpus
+    from transformers import AutoTokenizer
+
     from lowbit.export.io import load
-    from lowbit.llm_train import load_llm, load_text
+    from lowbit.llm_train import corpus_tokens, score
 
     cfg = recipe.llm
     path = run_dir / "model.safetensors"
     if not path.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no model.safetensors yet: finish it with `lowbit train --resume`")
-    model = load(path)
-    _, tok = load_llm(cfg, recipe.seed)
-    _, held = split_tokens(tokenize_corpus(load_text(cfg.corpus, "corpus"), tok), cfg.heldout_fraction)
-    kw = {"window": min(cfg.eval_window, len(held)), "max_windows": cfg.eval_windows, "batch_size": 4}
-    out = {"integer_perplexity": sliding_window_perplexity(model, held, **kw)}
-    rows = [
-        ("run", str(run_dir)),
-        (f"integer model perplexity ({cfg.corpus}, held out)", f"{out['integer_perplexity']:.3f}"),
-    ]
-    if cfg.other_corpus:
-        other = tokenize_corpus(load_text(cfg.other_corpus, "other_corpus"), tok)
-        out["integer_other_perplexity"] = sliding_window_perplexity(model, other, **kw)
-        rows.append((f"integer model perplexity ({cfg.other_corpus})", f"{out['integer_other_perplexity']:.3f}"))
+    _, held, other = corpus_tokens(cfg, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
+    row = score(load(path), cfg, held, other)
+    out = {"integer_perplexity": row["test_perplexity"]}
+    rows = [("run", str(run_dir))]
+    rows.append((f"integer model perplexity ({cfg.corpus}, held out)", f"{row['test_perplexity']:.3f}"))
+    if other is not None:
+        out["integer_other_perplexity"] = row["other_perplexity"]
+        rows.append((f"integer model perplexity ({cfg.other_corpus})", f"{row['other_perplexity']:.3f}"))
     print(_table(rows))
     if as_json:
         print(json.dumps(out))

@@ -40,6 +40,8 @@ __all__ = [
     "run_llm",
     "load_llm",
     "load_text",
+    "corpus_tokens",
+    "score",
     "byte_tokenizer",
     "prepare_llm",
     "to_integer",
@@ -146,6 +148,27 @@ def to_integer(model: nn.Module, cfg: LLMConfig) -> nn.Module:
     return merge(model)
 
 
+def corpus_tokens(cfg: LLMConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(training ids, held-out ids, other-corpus ids or None) of ``cfg``'s corpora under ``tokenizer``."""
+    from lowbit.data.text import split_tokens, tokenize_corpus
+
+    train_ids, held = split_tokens(tokenize_corpus(load_text(cfg.corpus, "corpus"), tokenizer), cfg.heldout_fraction)
+    other = tokenize_corpus(load_text(cfg.other_corpus, "other_corpus"), tokenizer) if cfg.other_corpus else None
+    return train_ids, held, other
+
+
+def score(model: nn.Module, cfg: LLMConfig, held: torch.Tensor, other: torch.Tensor | None) -> dict[str, float]:
+    """Sliding-window perplexity on the held-out ids (and its log, the loss) and on the other corpus."""
+    from lowbit.data.text import sliding_window_perplexity
+
+    kw = {"window": min(cfg.eval_window, len(held)), "max_windows": cfg.eval_windows, "batch_size": 4}
+    p = sliding_window_perplexity(model, held, **kw)
+    row = {"test_perplexity": p, "test_loss": math.log(p)}
+    if other is not None:
+        row["other_perplexity"] = sliding_window_perplexity(model, other, **kw)
+    return row
+
+
 def enable_block_checkpointing(model: nn.Module) -> bool:
     """Recompute each decoder block in the backward pass (Hugging Face models); False if there is no switch."""
     kwargs = {"use_reentrant": False}
@@ -183,7 +206,7 @@ def _append(path: Path, row: dict[str, Any]) -> None:
 
 def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run an LLM recipe end to end into ``run_dir``; returns the summary (also in summary.json)."""
-    from lowbit.data.text import sliding_window_perplexity, split_tokens, token_blocks, tokenize_corpus
+    from lowbit.data.text import token_blocks
     from lowbit.export.io import save
     from lowbit.llm import LMTrainer
 
@@ -209,26 +232,16 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
     t0 = time.perf_counter()
 
     model, tok = load_llm(cfg, recipe.seed)
-    ids = tokenize_corpus(load_text(cfg.corpus, "corpus"), tok)
-    train_ids, held = split_tokens(ids, cfg.heldout_fraction)
-    other = tokenize_corpus(load_text(cfg.other_corpus, "other_corpus"), tok) if cfg.other_corpus else None
+    train_ids, held, other = corpus_tokens(cfg, tok)
     if len(train_ids) < cfg.seq_len + 1:
         raise ConfigError(f"llm.seq_len={cfg.seq_len}: the training part of {cfg.corpus!r} has {len(train_ids)} tokens")
     blocks = token_blocks(train_ids, cfg.seq_len)
     model.to(device)
 
-    def score(m: nn.Module) -> dict[str, float]:
-        kw = {"window": min(cfg.eval_window, len(held)), "max_windows": cfg.eval_windows, "batch_size": 4}
-        p = sliding_window_perplexity(m, held, **kw)
-        row = {"test_perplexity": p, "test_loss": math.log(p)}
-        if other is not None:
-            row["other_perplexity"] = sliding_window_perplexity(m, other, **kw)
-        return row
-
     rows = _metrics_rows(metrics) if resume else []
     float_row = next((r for r in rows if r.get("stage") == "float"), None)
     if float_row is None:
-        float_row = {"stage": "float", "step": 0, **score(model)}
+        float_row = {"stage": "float", "step": 0, **score(model, cfg, held, other)}
     float_bytes = sum(  # each storage once: a tied head shares the embedding's
         t.untyped_storage().nbytes()
         for t in {t.untyped_storage().data_ptr(): t for t in model.state_dict().values()}.values()
@@ -251,7 +264,7 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
     rows = [r for r in rows if r.get("stage") == "qat" and int(r.get("step", -1)) <= step]
     _write_rows(metrics, [float_row, *rows])
     if step == 0:
-        _append(metrics, {"stage": "qat", "step": 0, "tokens": 0, **score(model)})
+        _append(metrics, {"stage": "qat", "step": 0, "tokens": 0, **score(model, cfg, held, other)})
 
     def checkpoint() -> None:
         params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -280,7 +293,12 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            row = {"stage": "qat", "step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **score(model)}
+            row = {
+                "stage": "qat",
+                "step": step,
+                "tokens": step * cfg.batch_size * cfg.seq_len,
+                **score(model, cfg, held, other),
+            }
             _append(metrics, {**row, "train_loss": loss_sum / loss_n, "lr": trainer.lr})
             loss_sum, loss_n = 0.0, 0
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
@@ -290,7 +308,7 @@ def run_llm(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool 
 
     last = [r for r in _metrics_rows(metrics) if r.get("stage") == "qat"][-1]
     int_model = to_integer(model.eval(), cfg)
-    final = score(int_model)
+    final = score(int_model, cfg, held, other)
     _append(metrics, {"stage": "final", "step": step, **final, "before_finish_perplexity": last["test_perplexity"]})
     exported = save(int_model.cpu(), run_dir / "model.safetensors")
     tok.save_pretrained(run_dir / "tokenizer")

@@ -2,7 +2,7 @@
 
 For each model and seed, the float model is trained once by ``lowbit train``'s own pipeline (cached
 under ``runs/.cache``), then each bit width runs the same QAT stage from it (same epochs, lr, data
-order) through ``lowbit.train.run``; the quantized accuracy is that of the converted integer model.
+order) through ``lowbit.run.run``; the quantized accuracy is that of the converted integer model.
 First conv and last linear stay at 8 bits (the usual LSQ setup). Targets: W8A8 within 0.1 points of
 FP32, W4A4 within 0.3, W3A3 within 1.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_DIR, machine_line, markdown_table  # noqa: E402
 
 from lowbit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
-from lowbit.train import run  # noqa: E402
+from lowbit.run import run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.md"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"

@@ -3,7 +3,7 @@ and markdown tables.
 
 Float checkpoint: ``float_model(model_name, model_args, epochs, seed)`` builds the same ``Recipe`` that
 ``lowbit train`` would (default recipe, with ``pretrain.epochs``, model and seed replaced) and goes
-through ``lowbit.train._float_model``, so the checkpoint is trained by lowbit's own loop and cached
+through ``lowbit.tasks.vision.VisionTask.float_model``, so the checkpoint is trained by lowbit's own loop and cached
 under ``runs/.cache/`` by the hash of (data, model, pre-training stage, seed). A benchmark with the
 default settings therefore reuses the float model of ``lowbit train default`` and vice versa.
 
@@ -36,7 +36,7 @@ from torch import nn
 
 from lowbit.config import DataConfig, ModelConfig, Recipe
 from lowbit.data import VisionData, load_dataset
-from lowbit.train import _float_model, _subset
+from lowbit.tasks.vision import VisionTask, subset_data
 
 __all__ = [
     "RUNS_DIR",
@@ -80,7 +80,7 @@ def float_recipe(
 
 def load_data(data: DataConfig) -> VisionData:
     """The dataset of ``data``, cut to its ``train_subset`` / ``test_subset``."""
-    return _subset(load_dataset(data.name, data.split_seed), Recipe(data=data))
+    return subset_data(load_dataset(data.name, data.split_seed), Recipe(data=data))
 
 
 def float_model(
@@ -91,23 +91,16 @@ def float_model(
     *,
     train_subset: int | None = None,
     test_subset: int | None = None,
-    data: VisionData | None = None,
     runs_dir: Path = RUNS_DIR,
     progress: bool = True,
 ) -> nn.Module:
-    """The float model pre-trained by lowbit for ``epochs`` epochs: from the cache, or trained now.
-
-    ``data``, when given, must be ``load_data(float_recipe(...).data)`` (it saves loading it again);
-    it is used only when the checkpoint is not cached yet.
-    """
+    """The float model pre-trained by lowbit for ``epochs`` epochs: from the cache, or trained now."""
     recipe = float_recipe(model_name, model_args, epochs, seed, train_subset, test_subset)
-    if data is None:
-        data = load_data(recipe.data)
     # Pre-training's scratch space (checkpoint, metrics); lowbit caches the result in its parent's .cache/.
     run_dir = runs_dir / f"benchmark-float-{model_name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return _float_model(recipe, data, run_dir, resume=False, progress=progress)
+    return VisionTask(recipe).float_model(run_dir, resume=False, progress=progress)
 
 
 # -- timing ------------------------------------------------------------------------------------------

@@ -6,29 +6,48 @@ RTN (round-to-nearest, no training), scales-only (PEQA-style), full QAT (LSQ on 
 fp32 latent weights), QLoRA-style (float adapters outside the frozen RTN weights), LR-QAT (adapters
 inside the integer grid, int8 fixed-point Φ0). Training text: the Shakespeare corpus minus its
 held-out tail; perplexity (sliding windows of 512) on that held-out tail and on the King James Bible.
+Rows: ``lrqat_int`` is LR-QAT with Φ0 stored as packed b-bit integers (the paper's lowest-memory φ).
 
-Each row runs in a fresh subprocess. Peak training memory is measured from the end of preparation to
-the end of training, so it holds everything resident while training (weights or Φ0, embeddings,
-adapters, gradients, optimizer state, activations), not the float model that preparation starts from:
-on CUDA the caching allocator's own ``max_memory_allocated``; on CPU the kernel's peak resident set
-(``VmHWM``, reset through ``/proc/self/clear_refs`` after preparation, with glibc told to return freed
-memory, so it is the process's real peak while training, including the ~0.4 GiB of torch and Python).
+Every row is one ``lowbit.run.run`` of a causal_lm ``Recipe`` (the defaults of ``lowbit train``,
+``lowbit.config.TASK_DEFAULTS``, with the row's quant section and learning rates), in a fresh
+subprocess, into a scratch run directory (``runs/benchmarks-lrqat/<setting>-<row>``, ``--runs``). The
+perplexities come from the run's summary: the float model's (``float_metric``) for FP32, the integer
+model's (``quant_metric``, after ``lowbit.convert``) for every other row. The layer kind is the quant
+config's: ``lowrank: null`` gives ``QuantLinear`` (full QAT; with ``weight: null`` a float layer that
+trains, FP32 fine-tuning), ``lowrank`` gives the LR-QAT layer (``rank: 0``: scales only;
+``variant: qlora``: the QLoRA-style baseline); RTN is ``qat.steps: 0``.
+
+Step time and peak training memory are taken inside the run's training loop by a probe registered as a
+QAT method (``lowbit.methods.METHODS``; its ``step`` hook is called after each optimizer step, and its
+``metrics`` hook writes the figures into the ``qat`` row of ``metrics.jsonl``; it adds no loss and
+changes no parameter). Peak training memory runs from the end of the first training step to the end of
+the last one, so it holds everything resident while training (weights or Φ0, embeddings, adapters,
+gradients, optimizer state, activations) and not the float model, its evaluation or preparation: on
+CUDA the caching allocator's own ``max_memory_allocated``; on CPU the kernel's peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs`` with glibc told to return freed memory, so it is the
+process's real peak while training, including the ~0.4 GiB of torch and Python). The peak of the whole
+run (loading, preparation, evaluations, ``convert``) goes to the JSONL as ``run_peak_mib``. s / step: the
+mean after the first min(3, steps − 1) steps; no evaluation or checkpoint falls inside it.
 Caveat (DATA.md): SmolLM2-135M's linear weights were Q4_1 (asymmetric 4-bit in blocks of 32), so 4-bit
 group-32 is artificially lossless here; the settings below avoid it. Its widths (576, 1536) have no
 group of 128 (576 = 4.5 × 128), so the group settings use 64, the nearest size that divides them.
-Rows: ``lrqat_int`` is LR-QAT with Φ0 stored as packed b-bit integers (the paper's lowest-memory φ).
 
     .venv/bin/python benchmarks/lrqat.py [--settings w4pc w3g64] [--steps 50] [--seq-len 256]
         [--batch-size 1] [--device cpu|cuda] [--block-checkpoint]
+    # smoke run on a random tiny LLaMA (byte tokenizer), seconds per row:
+    .venv/bin/python benchmarks/lrqat.py --model random-llama --steps 3 --batch-size 2 --seq-len 32 \\
+        --eval-windows 2 --eval-window 128 --settings w4pc --out /tmp/lrqat_smoke.md
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import dataclasses
 import datetime
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,12 +55,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import contextlib
-
-from common import machine_line, markdown_table  # noqa: E402
+from common import RUNS_DIR, machine_line, markdown_table, peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lrqat.md"
 SETTINGS = {  # name: (bits, granularity, group_size)
@@ -62,132 +80,248 @@ LR = {
     "lrqat": (1e-3, 1e-5),
     "lrqat_int": (1e-3, 1e-5),
 }
+PROBE = "benchmark_probe"  # the QAT method name the probe is registered under (in the child process only)
+MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "random-llama": "a random LLaMA"}
 
 
-def _prepare(model: torch.nn.Module, row: str, bits: int, gran: str, gs: int | None, rank: int) -> None:
-    """Quantize ``model`` for ``row`` and set which parameters train (``lowbit train``'s own preparation)."""
-    from lowbit.llm_config import LLMConfig
-    from lowbit.llm_train import prepare_llm
-    from lowbit.methods.lrqat import prepare_lrqat
+# -- one row: a recipe through the runner --------------------------------------------------------------
 
-    if row in FLOAT_ROWS:
-        for name, p in model.named_parameters():  # the same weights full QAT trains
-            p.requires_grad_(row == "fp32_ft" and "_proj." in name)
-    elif row == "qlora":  # a baseline only: it does not merge into integers, so recipes do not offer it
-        prepare_lrqat(model, bits=bits, rank=rank, granularity=gran, group_size=gs, method="qlora")
+
+def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe mapping of one row: causal_lm defaults, the row's quant section, steps and learning rates."""
+    bits, gran, gs = SETTINGS[setting]
+    weight: dict[str, Any] | None = {"bits": bits, "granularity": gran, "group_size": gs, "init": "lp"}
+    lowrank: dict[str, Any] | None = {
+        "rank": args.rank, "alpha": 1.0, "phi": "fixed_point8", "variant": "lrqat", "recompute": True,
+    }  # fmt: skip
+    if row in FLOAT_ROWS:  # float QuantLinear layers (no quantizer); only those train, as in full QAT
+        weight = lowrank = None
+    elif row in ("rtn", "full_qat"):
+        lowrank = None
+    elif row == "scales_only":
+        lowrank = {**lowrank, "rank": 0}  # type: ignore[dict-item]
+    elif row == "qlora":
+        lowrank = {**lowrank, "variant": "qlora"}  # type: ignore[dict-item]
+    elif row == "lrqat_int":
+        lowrank = {**lowrank, "phi": "int"}  # type: ignore[dict-item]
+    steps = args.steps if row in TRAINED else 0
+    lr, scale_lr = LR.get(row, (0.0, 0.0))
+    return {
+        "name": f"benchmark-lrqat-{setting}-{row}",
+        "task": "causal_lm",
+        "seed": 0,
+        "device": args.device,
+        "model": {"name": args.model, "args": args.model_args},
+        "data": {"name": args.corpus, "batch_size": args.batch_size},
+        "text": {
+            "seq_len": args.seq_len,
+            "other_corpus": args.other_corpus,
+            "eval_windows": args.eval_windows,
+            "eval_window": args.eval_window,
+            "block_checkpoint": args.block_checkpoint,
+        },  # fmt: skip
+        "quant": {
+            "weight": weight,
+            "act": None,
+            "lowrank": lowrank,
+            "freeze_unquantized": True,
+            "rules": [{"match": "lm_head", "skip": True}],
+        },  # fmt: skip
+        # evaluate only at the end, checkpoint only there: nothing but training steps in the timed span
+        "qat": {"steps": steps, "lr": lr, "scale_lr": scale_lr, "eval_every": max(steps, 1)},
+        "checkpoint_every": 0,
+        "methods": [{"name": PROBE, "device": args.device}],
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory_mib(device: torch.device) -> tuple[float, float]:
+    """(now, peak since the last reset) in MiB: CUDA allocator figures, or RSS / VmHWM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
+    from common import rss_mb
+
+    return rss_mb(), peak_rss_mb()
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     else:
-        method = "lrqat" if row == "lrqat_int" else row
-        phi = "int" if row == "lrqat_int" else "fixed_point8"
-        prepare_llm(model, LLMConfig(method=method, bits=bits, granularity=gran, group_size=gs, rank=rank, phi=phi))
+        release_free_memory()
+        if not reset_peak_rss():
+            raise RuntimeError("/proc/self/clear_refs refused: the peak RSS cannot be reset here")
 
 
-def _reset_cpu_peak() -> None:
-    """Return freed heap to the OS, then make the kernel's peak RSS (VmHWM) restart from the current RSS."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """The probe's recipe settings: the device whose memory it reads."""
+
+    device: str = "cpu"
 
 
-def _cpu_peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+class Probe:
+    """A QAT method that only measures: step time after warm-up and peak memory while training.
+
+    The loop calls ``step(t)`` after optimizer step ``t`` (1-based), and ``metrics`` when it writes an
+    evaluation row. The peak is reset after step 1 (optimizer state then exists) and read after the last.
+    """
+
+    Settings = ProbeSettings
+    last: Probe | None = None  # the instance of the current run (read by the child after ``run``)
+
+    def __init__(self, total_steps: int, device: str = "cpu") -> None:
+        self.total = total_steps
+        self.device = torch.device(device)
+        self.warm = min(3, total_steps - 1)
+        self.t_warm: float | None = None
+        self.t_end: float | None = None
+        self.resident: float | None = None
+        self.peak: float | None = None
+        self.peak_before = 0.0  # the peak of the run up to the reset (preparation, evaluations)
+        Probe.last = self
+
+    def attach(self, model: torch.nn.Module) -> None:
+        pass
+
+    def loss(self, model: torch.nn.Module, batch: Any, outputs: Any) -> None:
+        return None
+
+    def step(self, step: int) -> None:
+        if step == 1 and self.total >= 2:
+            _sync(self.device)
+            self.peak_before = _memory_mib(self.device)[1]
+            _reset_peak(self.device)
+            self.resident = _memory_mib(self.device)[0]
+        if step == self.warm:
+            _sync(self.device)
+            self.t_warm = time.perf_counter()
+        if step == self.total:
+            _sync(self.device)
+            self.t_end = time.perf_counter()
+            if self.total >= 2:
+                self.peak = _memory_mib(self.device)[1]
+
+    def seconds_per_step(self) -> float | None:
+        if self.t_warm is None or self.t_end is None or self.total <= self.warm:
+            return None
+        return (self.t_end - self.t_warm) / (self.total - self.warm)
+
+    def metrics(self, model: torch.nn.Module) -> dict[str, Any]:
+        return {"probe_seconds_per_step": self.seconds_per_step(), "probe_peak_mib": self.peak,
+                "probe_resident_mib": self.resident}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def one_row(args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.data.text import load_corpus, sliding_window_perplexity, split_tokens, token_blocks, tokenize_corpus
-    from lowbit.llm import load_smollm2, train_steps
-    from lowbit.llm_train import enable_block_checkpointing
+    """Run one row (in this fresh process) and return its JSONL record."""
+    from lowbit.config import recipe_from_dict
+    from lowbit.methods import METHODS
+    from lowbit.run import run
 
+    METHODS[PROBE] = Probe
     torch.manual_seed(0)
     torch.set_float32_matmul_precision(args.matmul_precision)
+    recipe = recipe_from_dict(row_recipe(args.row, args.setting, args))
+    run_dir = args.runs / f"{'float' if args.row in FLOAT_ROWS else args.setting}-{args.row}"
     dev = torch.device(args.device)
-    model, tok = load_smollm2()
-    train_ids, held = split_tokens(tokenize_corpus(load_corpus("shakespeare"), tok))
-    other = tokenize_corpus(load_corpus("kjv"), tok)
-    bits, gran, gs = SETTINGS[args.setting]
-    model.to(dev)
-    t0 = time.perf_counter()
-    _prepare(model, args.row, bits, gran, gs, args.rank)
-    prep_s = time.perf_counter() - t0
-    if args.block_checkpoint:
-        enable_block_checkpointing(model)
-    import gc
-
-    gc.collect()
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(dev)
     else:
-        _reset_cpu_peak()
-        resident = _cpu_peak_mib()
-    steps = args.steps if args.row in TRAINED else 0
-    lr, scale_lr = LR.get(args.row, (0.0, 0.0))
-    blocks = token_blocks(train_ids, args.seq_len)
-    # the first steps (allocator warm-up, autotuning) are timed apart from the rest
-    warm, marks = min(3, steps), []
-
-    def mark(done: int) -> None:
-        if done in (warm, steps):
-            marks.append(time.perf_counter())
-
-    t0 = time.perf_counter()
-    losses = train_steps(
-        model,
-        blocks,
-        steps,
-        lr=lr,
-        scale_lr=scale_lr,
-        batch_size=args.batch_size,
-        seed=0,
-        progress=False,
-        on_step=mark,
+        _reset_peak(dev)
+    summary = run(recipe, run_dir, resume=False, progress=False)
+    run_peak = max(_memory_mib(dev)[1], Probe.last.peak_before if Probe.last else 0.0)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    qat = [r for r in rows if r.get("stage") == "qat"][-1]
+    trained = summary["steps"] > 0
+    ppl, other = (
+        (summary["float_metric"], summary["float_other_perplexity"])
+        if args.row == "fp32"
+        else (summary["quant_metric"], summary["quant_other_perplexity"])
     )
-    per_step = (marks[-1] - marks[0]) / (steps - warm) if steps > warm and len(marks) == 2 else 0.0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _cpu_peak_mib()
-    ppl = {
-        name: sliding_window_perplexity(model, ids, window=512, max_windows=args.eval_windows, batch_size=8)
-        for name, ids in (("heldout", held), ("other", other))
-    }
+    if not args.keep_runs:  # the scratch run's model and checkpoint (full QAT's: weights + AdamW state)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for f in ("model.safetensors",):
+            (run_dir / f).unlink(missing_ok=True)
     return {
         "row": args.row,
         "setting": args.setting,
-        "ppl_heldout": ppl["heldout"],
-        "ppl_other": ppl["other"],
-        "peak_mib": peak if steps else None,
-        "resident_mib": resident,
-        "seconds_per_step": per_step,
-        "prepare_s": prep_s,
-        "train_s": time.perf_counter() - t0,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model": args.model,
+        "ppl_heldout": ppl,
+        "ppl_other": other,
+        "ppl_heldout_fake_quant": summary["qat_metric"],  # before convert; equal to ppl_heldout up to rounding
+        "ppl_heldout_direct": summary["direct_metric"],
+        "peak_mib": qat.get("probe_peak_mib") if trained else None,
+        "resident_mib": qat.get("probe_resident_mib"),
+        "run_peak_mib": run_peak,
+        "seconds_per_step": qat.get("probe_seconds_per_step") if trained else None,
+        "runner_seconds_per_step": summary["seconds_per_step"],  # includes the final evaluation + checkpoint
+        "train_s": summary["qat_seconds"],
+        "run_s": summary["train_seconds"],
+        "train_loss": qat.get("train_loss"),  # mean over the steps (evaluated only at the end)
+        "trainable": summary["trainable_parameters"],
+        "quant_bytes": summary["quant_bytes"],
+        "run_dir": str(run_dir),
     }
+
+
+# -- the table -----------------------------------------------------------------------------------------
 
 
 def _key(r: dict[str, Any]) -> tuple[str, str]:
     return (r["row"], "float" if r["row"] in FLOAT_ROWS else r["setting"])
 
 
-def _estimate_mib(r: dict[str, Any], args: argparse.Namespace) -> str:
-    """``lowbit.memory``'s prediction for the row's training step, to set beside the measured peak."""
-    from lowbit.memory import CONFIGS, estimate_training_memory
+def _model_dims(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The model's config for ``lowbit.llm.memory`` (None when it cannot be known without loading it)."""
+    from lowbit.llm.memory import CONFIGS, load_config
+    from lowbit.llm.models import RANDOM_LLAMA
 
-    if r["row"] not in TRAINED:
+    if args.model == "smollm2":
+        return CONFIGS["smollm2-135m"]
+    if args.model == "random-llama":
+        return {**RANDOM_LLAMA, **args.model_args}
+    path = Path(args.model).expanduser() / "config.json"
+    return load_config(str(path)) if path.is_file() else None
+
+
+def _estimate_mib(r: dict[str, Any], args: argparse.Namespace) -> str:
+    """``lowbit memory``'s prediction for the row's training step, to set beside the measured peak."""
+    from lowbit.errors import ConfigError
+    from lowbit.llm.memory import estimate_training_memory
+
+    dims = _model_dims(args)
+    if r["row"] not in TRAINED or dims is None:
         return "–"
     bits, gran, gs = SETTINGS[r["setting"]] if r["row"] != "fp32_ft" else (4, "channel", None)
     method = {"fp32_ft": "fp32", "lrqat_int": "lrqat"}.get(r["row"], r["row"])
-    est = estimate_training_memory(
-        CONFIGS["smollm2-135m"], method, bits=bits, rank=args.rank, granularity=gran, group_size=gs,
-        phi="int" if r["row"] == "lrqat_int" else "fixed_point8", batch=args.batch_size, seq_len=args.seq_len,
-        block_checkpointing=args.block_checkpoint, foreach=args.device.startswith("cuda"), loss_chunk=256,
-        train_embeddings=False,
-    )  # fmt: skip
+    try:
+        est = estimate_training_memory(
+            dims, method, bits=bits, rank=args.rank, granularity=gran, group_size=gs,
+            phi="int" if r["row"] == "lrqat_int" else "fixed_point8", batch=args.batch_size, seq_len=args.seq_len,
+            block_checkpointing=args.block_checkpoint, foreach=args.device.startswith("cuda"), loss_chunk=256,
+            train_embeddings=False,
+        )  # fmt: skip
+    except ConfigError:
+        return "–"
     return f"{est['total'] / 2**20:,.0f}"
+
+
+def _loss_cell(r: dict[str, Any]) -> str:
+    if r.get("first_loss") is not None:  # rows measured before the runner (first → mean of the last 20)
+        return f"{r['first_loss']:.3f} → {r['last_loss']:.3f}"
+    return f"{r['train_loss']:.3f}" if r.get("train_loss") is not None else "–"
 
 
 def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -206,25 +340,50 @@ def _table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 rel_o,
                 f"{r['peak_mib']:,.0f}" if r.get("peak_mib") else "–",
                 _estimate_mib(r, args),
-                f"{r['seconds_per_step']:.3f}" if r["seconds_per_step"] else "–",
-                f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "–",
+                f"{r['seconds_per_step']:.3f}" if r.get("seconds_per_step") else "–",
+                _loss_cell(r),
             ]
         )
+    old = any(r.get("first_loss") is not None for r in results)
     return markdown_table(
         [
             "setting",
             "method",
-            "ppl Shakespeare held-out",
+            "ppl Shakespeare held-out" if args.corpus == "shakespeare" else f"ppl {args.corpus} held-out",
             "vs FP32",
-            "ppl KJV (other corpus)",
+            f"ppl {'KJV' if args.other_corpus == 'kjv' else args.other_corpus} (other corpus)",
             "vs FP32",
             "peak train MiB",
             "lowbit memory estimate MiB",
             "s / step",
-            "train loss first → last 20",
+            "train loss first → last 20" if old else "train loss (mean of the steps)",
         ],
         rows,
     )
+
+
+# -- driver ----------------------------------------------------------------------------------------------
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    value = yaml.safe_load(text) if text else {}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a mapping, e.g. '{{hidden_size: 64}}'")
+    return value
+
+
+def _child(args: argparse.Namespace, row: str, setting: str) -> dict[str, Any]:
+    """One row in a fresh subprocess (clean memory figures); its JSON record is the last stdout line."""
+    spec = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    spec.update(row=row, setting=setting)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big frees go back to the OS at once
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"row {row} {setting} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,55 +395,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-window", type=int, default=512, help="tokens per perplexity window")
+    p.add_argument("--model", default="smollm2", help="smollm2, random-llama or a Hugging Face causal LM folder")
+    p.add_argument("--model-args", type=_mapping, default={}, help="YAML mapping, e.g. for random-llama's LlamaConfig")
+    p.add_argument("--corpus", default="shakespeare", help="training corpus: shakespeare, kjv or file:PATH")
+    p.add_argument("--other-corpus", default="kjv", help="the corpus scored but never trained on")
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-checkpoint", action="store_true", help="gradient checkpointing of the decoder blocks")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
+    p.add_argument("--runs", type=Path, default=RUNS_DIR / "benchmarks-lrqat", help="scratch run directories")
+    p.add_argument("--keep-runs", action="store_true", help="keep each run's model.safetensors and checkpoints")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--jsonl", type=Path, help="rows so far (default: next to --out); finished rows are skipped")
     p.add_argument("--table-only", action="store_true", help="rewrite the table from --jsonl, run nothing")
-    p.add_argument("--row", help=argparse.SUPPRESS)
-    p.add_argument("--setting", help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.row:  # child process: one row, JSON on the last line
-        print(json.dumps(one_row(args)))
+    if args.child:  # child process: one row, JSON on the last line
+        spec = json.loads(args.child)
+        child = argparse.Namespace(**{**spec, "runs": Path(spec["runs"])})
+        print(json.dumps(one_row(child)))
         return
     jsonl = args.jsonl or args.out.with_suffix(".jsonl")
     done = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.is_file() else []
     have = {_key(r) for r in done}
     for setting in [] if args.table_only else args.settings:
         for row in args.rows:
-            probe = {"row": row, "setting": setting}
-            if _key(probe) in have:
+            if _key({"row": row, "setting": setting}) in have:
                 continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--row",
-                row,
-                "--setting",
-                setting,
-                "--steps",
-                str(args.steps),
-                "--seq-len",
-                str(args.seq_len),
-                "--batch-size",
-                str(args.batch_size),
-                "--rank",
-                str(args.rank),
-                "--eval-windows",
-                str(args.eval_windows),
-                "--matmul-precision",
-                args.matmul_precision,
-                "--device",
-                args.device,
-            ]
-            cmd += ["--block-checkpoint"] if args.block_checkpoint else []
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big frees go back to the OS at once
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"row {row} {setting} failed")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _child(args, row, setting)
             done.append(r)
             have.add(_key(r))
             jsonl.parent.mkdir(parents=True, exist_ok=True)
@@ -302,24 +440,35 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(text)
         print(text)
         return
-    where = "CUDA allocator max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
+    cuda = args.device.startswith("cuda")
+    where = "CUDA allocator max_memory_allocated" if cuda else "peak RSS (VmHWM)"
+    title = MODEL_TITLES.get(args.model, args.model) + (f" {args.model_args}" if args.model_args else "")
     text = (
-        f"# LR-QAT vs baselines on SmolLM2-135M-Instruct ({args.device})\n\n"
+        f"# LR-QAT vs baselines on {title} ({args.device})\n\n"
         f"{datetime.date.today()} · {machine_line()}"
-        + (f" · {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
-        + f" · {args.steps} steps of {args.batch_size} × {args.seq_len} tokens from Shakespeare (train part), "
+        + (f" · {torch.cuda.get_device_name()}" if cuda else "")
+        + f" · {args.steps} steps of {args.batch_size} × {args.seq_len} tokens from {args.corpus} (train part), "
         f"rank {args.rank}, AdamW, 10 % warm-up then linear decay"
         + (", decoder-block gradient checkpointing" if args.block_checkpoint else "")
         + (f", fp32 matmul precision {args.matmul_precision!r}" if args.matmul_precision != "highest" else "")
-        + f"; perplexity on {args.eval_windows} windows of 512\n\n"
+        + f"; perplexity on {args.eval_windows} windows of {args.eval_window}\n\n"
         f"`python benchmarks/lrqat.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"{_table(results, args)}\n\n"
-        f"Peak train memory: {where}, from the end of preparation to the end of training. s / step: mean after "
-        "3 warm-up steps. Learning rates (weights or adapters / scales): "
+        "Each row is one `lowbit.run.run` of a causal_lm recipe (`lowbit train`'s defaults); perplexities are "
+        "the integer model's after `lowbit.convert` (fp32: the float model's). "
+        f"Peak train memory: {where}, from the end of the first training step to the end of the last (the run's "
+        "own preparation and evaluations are outside it). s / step: mean after 3 warm-up steps (fewer when there "
+        "are fewer steps). Train loss: mean over all steps. Learning rates (weights or adapters / scales): "
         + ", ".join(f"{k} {a:g} / {b:g}" for k, (a, b) in LR.items())
-        + ". Caveat: SmolLM2-135M's linear weights were Q4_1 (asymmetric 4-bit, blocks of 32 along the input), "
-        "so 4-bit group-32 would be artificially lossless; these settings avoid it. Group size 64 stands in for "
-        "128, which does not divide the model's width 576.\n"
+        + "."
+        + (
+            " Caveat: SmolLM2-135M's linear weights were Q4_1 (asymmetric 4-bit, blocks of 32 along the input), "
+            "so 4-bit group-32 would be artificially lossless; these settings avoid it. Group size 64 stands in "
+            "for 128, which does not divide the model's width 576."
+            if args.model == "smollm2"
+            else ""
+        )
+        + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

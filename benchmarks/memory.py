@@ -1,4 +1,4 @@
-"""Check ``lowbit.memory.estimate_training_memory`` against one measured training step on CPU.
+"""Check ``lowbit.llm.memory.estimate_training_memory`` against one measured training step on CPU.
 
 For small random LLaMA models (transformers ``LlamaForCausalLM``, eager attention, float32) and each
 method, a fresh subprocess builds and prepares the model and its AdamW, takes its RSS as the baseline,
@@ -18,6 +18,7 @@ GPU takes), which saves the 1-byte STE mask the estimator counts. Finally the es
 for LLaMA-2-7B (bf16, batch 1, seq 1024) next to the paper's figures.
 
     .venv/bin/python benchmarks/memory.py            # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/memory.py --configs llama-h256-L4 --methods fp32 lrqat --out /tmp/memory.md
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_line, markdown_table, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb  # noqa: E402
 
-from lowbit.memory import CONFIGS, METHODS, estimate_training_memory  # noqa: E402
+import lowbit  # noqa: E402
+from lowbit.config import LowRankSpec, QuantConfig, QuantSpec, Rule  # noqa: E402
+from lowbit.llm.memory import CONFIGS, METHODS, estimate_training_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.md"
 MIB = 2**20
@@ -91,21 +94,32 @@ class LiveTensors(TorchDispatchMode):
         return out
 
 
+def quant_config(method: str, rank: int) -> QuantConfig:
+    """The ``lowbit.prepare`` config of ``method``: W4 per channel on the 7 linears of every block (all but
+    ``lm_head``), min-max init; lrqat / scales_only (rank 0) / qlora train only their adapters and scales
+    (``freeze_unquantized``), full_qat trains every parameter (``lowrank: null``: ``QuantLinear``)."""
+    lowrank = {
+        "lrqat": LowRankSpec(rank=rank),
+        "scales_only": LowRankSpec(rank=0),
+        "qlora": LowRankSpec(rank=rank, variant="qlora"),
+    }.get(method)
+    return QuantConfig(
+        weight=QuantSpec(bits=4, granularity="channel", init="minmax"),
+        act=None,
+        rules=(Rule(match="lm_head", skip=True),),
+        lowrank=lowrank,
+        freeze_unquantized=method != "full_qat",
+    )
+
+
 def _build(dims: dict[str, Any], method: str, seq_len: int, ckpt: bool) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import lowbit
-    from lowbit.methods.lrqat import LLAMA_TARGETS, prepare_lrqat
 
     torch.manual_seed(0)
     config = LlamaConfig(**dims, max_position_embeddings=seq_len, attn_implementation="eager")  # type: ignore[call-arg]
     model: torch.nn.Module = LlamaForCausalLM(config)
-    if method in ("lrqat", "scales_only", "qlora"):
-        prepare_lrqat(model, bits=4, rank=RANK, method=method, init="minmax")
-    elif method == "full_qat":
-        spec = lowbit.QuantSpec(bits=4, granularity="channel", init="minmax")
-        rules = tuple(lowbit.Rule(match=t, weight=spec) for t in LLAMA_TARGETS)
-        model = lowbit.prepare(model, lowbit.QuantConfig(weight=None, act=None, rules=rules))
+    if method in ("lrqat", "scales_only", "qlora", "full_qat"):
+        lowbit.prepare(model, quant_config(method, RANK))
     if method == "eval":
         model.requires_grad_(False)
     if ckpt:
@@ -248,13 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--glibc-default", action="store_true", help="measure with glibc's default malloc; print only")
+    p.add_argument("--configs", nargs="+", choices=list(SMALL), default=list(SMALL), help="model sizes to measure")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the table goes (not with --glibc-default)")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     sections = []
-    for name, spec in SMALL.items():
-        runs = [(m, False) for m in METHODS] + [(m, True) for m in CKPT_METHODS if name == list(SMALL)[-1]]
+    for name in args.configs:
+        spec = SMALL[name]
+        runs = [(m, False) for m in args.methods]
+        runs += [(m, True) for m in CKPT_METHODS if name == list(SMALL)[-1] and m in args.methods]
         rows = []
         for method, ckpt in runs:
             g = measure(name, method, ckpt, args.glibc_default)
@@ -273,14 +292,15 @@ def main(argv: list[str] | None = None) -> None:
         header = ["method", "est. step MiB", "RSS MiB", "ratio", "live tensors MiB", "ratio",
                   "AdamW states MiB (meas./est.)", "weights MiB (meas./est.)"]  # fmt: skip
         sections.append(title + "\n\n" + markdown_table(header, rows, "l" + "r" * 7))
+    cli_args = argv if argv is not None else sys.argv[1:]
     malloc = "glibc default malloc" if args.glibc_default else "MALLOC_MMAP_THRESHOLD_=65536"
     text = "\n".join([
-        "# Training-step memory: `lowbit.memory` estimate vs measured",
+        "# Training-step memory: `lowbit.llm.memory` estimate vs measured",
         "",
         f"{datetime.date.today()} · {machine_line(1)} · {malloc} · transformers LlamaForCausalLM "
         "(eager attention), AdamW, LOWBIT_FUSED=0",
         "",
-        "`.venv/bin/python benchmarks/memory.py`",
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/memory.py', *cli_args])}`",
         "",
         "Each row is a fresh process: setup (model, prepare, AdamW), one warm-up step (allocates the AdamW states),",
         "then measured steps. *est. step*: the estimate's `total - frozen - trainable - optimizer`, what one step",
@@ -298,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
         NOTES,
     ])  # fmt: skip
     if not args.glibc_default:
-        RESULTS.write_text(text)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     print(text)
 
 

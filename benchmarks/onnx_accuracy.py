@@ -1,12 +1,11 @@
 """ONNX QDQ export against lowbit's integer model, on the full Fashion-MNIST test set of real runs.
 
-For each RUN (default ``runs/default``) the trained fake-quant model is rebuilt from the run's
-``config.yaml`` and ``checkpoints/qat.safetensors`` (``lowbit.train.restore_qat_model``, as ``lowbit eval``
-does), converted to the integer model, and exported with ``lowbit.export.onnx.export_onnx`` into a
-temporary directory (runs/ is only read). Both are evaluated on the same test images: accuracy of each,
-the difference in points (target: within 0.1), the share of images whose argmax agrees and whose logits
-differ at all, the largest absolute difference of the logits, and the size of the ONNX file next to the
-run's packed size.
+For each RUN (default ``runs/default``) the integer model the run saved (``model.safetensors``, read
+by ``lowbit.load`` as ``lowbit eval`` and ``lowbit export`` do) is exported with
+``lowbit.export.onnx.export_onnx`` into a temporary directory (runs/ is only read). Both are evaluated
+on the same test images: accuracy of each, the difference in points (target: within 0.1), the share of
+images whose argmax agrees and whose logits differ at all, the largest absolute difference of the
+logits, and the size of the ONNX file next to the run's packed size.
 
     .venv/bin/python benchmarks/onnx_accuracy.py [RUN ...] [--out benchmarks/results/onnx.md]
 """
@@ -30,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RUNS_DIR, machine_line, markdown_table  # noqa: E402
 
-from lowbit.api import convert  # noqa: E402
 from lowbit.config import recipe_from_dict  # noqa: E402
-from lowbit.data import load_dataset  # noqa: E402
+from lowbit.export.io import load  # noqa: E402
 from lowbit.export.onnx import export_onnx  # noqa: E402
-from lowbit.train import _subset, restore_qat_model  # noqa: E402
+from lowbit.tasks.vision import VisionTask  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx.md"
 TARGET = 0.1  # accuracy points
@@ -44,9 +42,8 @@ def measure(run_dir: Path, tmp: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     recipe = recipe_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    data = _subset(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
-    model = restore_qat_model(recipe, data, run_dir / "checkpoints" / "qat.safetensors")
-    int_model = convert(model).eval()
+    data = VisionTask(recipe).data
+    int_model = load(run_dir / "model.safetensors")  # the run's integer model, as `lowbit export` exports it
     path = export_onnx(int_model, tmp / f"{run_dir.name}.onnx", data.test_x[:1])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()

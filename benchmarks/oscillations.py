@@ -1,7 +1,7 @@
 """Oscillations in QAT on Fashion-MNIST / MobileNetV2: LSQ, + BN re-estimation, + dampening, + freezing.
 
 Every run starts from the same pre-trained float checkpoint (``lowbit train``'s cache) and runs the same
-QAT stage (epochs, lr, data order, seed) through ``lowbit.train.run``; only ``methods`` differ:
+QAT stage (epochs, lr, data order, seed) through ``lowbit.run.run``; only ``methods`` differ:
 
 - LSQ:        oscillation_tracking (diagnostics only: it never changes training) + bn_reestimation
 - dampening:  oscillation_dampening + bn_reestimation
@@ -39,7 +39,8 @@ from lowbit.api import prepare  # noqa: E402
 from lowbit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from lowbit.methods import build_methods  # noqa: E402
 from lowbit.models import build_model  # noqa: E402
-from lowbit.train import run, split_parameters  # noqa: E402
+from lowbit.run import run  # noqa: E402
+from lowbit.train import split_parameters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "oscillations.md"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
@@ -115,9 +116,10 @@ def step_times(bits: int, args: argparse.Namespace) -> dict[str, float]:
         counter = [0]
 
         def step(model: nn.Module = model, methods: list = methods, opts: list = opts, counter: list = counter) -> None:
-            loss = nn.functional.cross_entropy(model(x), y)
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
             for m in methods:
-                extra = m.loss(model)
+                extra = m.loss(model, (x, y), out)
                 loss = loss + extra if extra is not None else loss
             for o in opts:
                 o.zero_grad(set_to_none=True)

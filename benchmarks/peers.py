@@ -83,7 +83,7 @@ from lowbit.config import Recipe
 from lowbit.data import VisionData, iterate_batches, num_batches
 from lowbit.data.vision import NUM_CLASSES
 from lowbit.models import MODELS, build_model
-from lowbit.train import evaluate
+from lowbit.tasks.vision import evaluate_classifier as evaluate
 
 HERE = Path(__file__).resolve().parent
 # the protocol is lowbit's default recipe's QAT stage, applied to every toolkit alike
@@ -179,7 +179,7 @@ def bench_model(model_name: str, args: argparse.Namespace) -> str:
     data = load_data(recipe.data)
     fmodel = cached_float_model(
         model_name, model_args, args.float_epochs, args.seed,
-        train_subset=args.train_subset, test_subset=args.test_subset, data=data,
+        train_subset=args.train_subset, test_subset=args.test_subset,
     )  # fmt: skip
     state = copy.deepcopy(fmodel.state_dict())
     float_acc = evaluate(fmodel, data.test_x, data.test_y)["accuracy"]

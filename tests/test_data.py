@@ -128,9 +128,9 @@ def test_fashion_mnist_missing_says_how_to_install(no_system_data: Path) -> None
 
 
 def test_unknown_dataset_lists_names() -> None:
-    with pytest.raises(ConfigError, match=r"'cifar10'.*fashion_mnist.*mnist10k"):
+    with pytest.raises(ConfigError, match=r"'cifar10'.*fashion_mnist.*mnist10k.*synthetic"):
         load_dataset("cifar10")
-    assert set(DATASETS) == {"fashion_mnist", "mnist10k"}
+    assert set(DATASETS) == {"fashion_mnist", "mnist10k", "synthetic"}
     with pytest.raises(ConfigError, match="split_seed"):
         load_dataset("mnist10k", split_seed=-1)
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lowbit.methods.resiliency import effective_compression_ratio, matching_float_size
+from lowbit.sweep.ecr import effective_compression_ratio, matching_float_size
 
 # float networks of 1,000 ... 8,000 bits whose error falls 2 points per doubling of size
 SIZES = [1000.0, 2000.0, 4000.0, 8000.0]

@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lowbit.cli import main
+from lowbit.config import LowRankSpec, QuantConfig, QuantSpec, Rule
 from lowbit.errors import ConfigError
-from lowbit.memory import CONFIGS, METHODS, estimate_training_memory, load_config
+from lowbit.llm.memory import CONFIGS, METHODS, estimate_training_memory, load_config
 
 # h 8, i 16, 2 layers, 2 heads of 4, 1 kv head, vocab 10, untied.
 TINY: dict[str, Any] = dict(
@@ -209,22 +210,22 @@ def test_estimate_matches_a_real_llama_step(method: str) -> None:
     """Weights exactly, and the step's live-tensor peak within 10%, on a random Hugging Face LLaMA."""
     transformers = pytest.importorskip("transformers")
     import lowbit
-    from lowbit.methods.lrqat import LLAMA_TARGETS, prepare_lrqat
     from lowbit.quant import kernels
 
     dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dims, attn_implementation="eager"))
-    if method == "full_qat":
-        spec = lowbit.QuantSpec(bits=4, granularity="channel", init="minmax")
-        rules = tuple(lowbit.Rule(match=t, weight=spec) for t in LLAMA_TARGETS)
-        model = lowbit.prepare(model, lowbit.QuantConfig(weight=None, act=None, rules=rules))
-    elif method != "fp32":
-        prepare_lrqat(model, bits=4, rank=4, method=method, init="minmax")
+    if method != "fp32":  # W4 per channel on the 7 linears of every block; full QAT trains every parameter
+        lowrank = {"lrqat": LowRankSpec(rank=4), "qlora": LowRankSpec(rank=4, variant="qlora")}.get(method)
+        config = QuantConfig(
+            weight=QuantSpec(bits=4, granularity="channel", init="minmax"), act=None,
+            rules=(Rule(match="lm_head", skip=True),), lowrank=lowrank, freeze_unquantized=lowrank is not None,
+        )  # fmt: skip
+        model = lowbit.prepare(model, config)
     est = estimate_training_memory(dims, method, rank=4, batch=2, seq_len=32, foreach=False)  # CPU AdamW loops
     params = list(model.parameters())
-    stored = {"phi0", "weight", "weight_int"}  # the big buffers; flags and rotary frequencies are not modelled
+    stored = {"phi0", "base_int", "weight"}  # the big buffers (Φ0; qlora's integers and dequantized cache)
     buffers = sum(b.nbytes for n, b in model.named_buffers() if n.split(".")[-1] in stored)
     weights = sum(p.nbytes for p in params) + buffers
     assert weights == est["frozen"] + est["trainable"]

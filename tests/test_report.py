@@ -55,7 +55,8 @@ def make_run(root: Path, *, osc: bool = True, finished: bool = True, recipe: str
                      "before_finish_accuracy": 88.4})
         (run / "summary.json").write_text(json.dumps({**SUMMARY, "recipe": recipe}))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "config.yaml").write_text(f"name: {json.dumps(recipe)}\nseed: 0\nquant:\n  weight: {{bits: 4}}\n")
+    methods = "methods:\n- {name: oscillation_freezing}\n" if osc else ""
+    (run / "config.yaml").write_text(f"name: {json.dumps(recipe)}\nseed: 0\nquant:\n  weight: {{bits: 4}}\n{methods}")
     return run
 
 
@@ -143,7 +144,42 @@ def test_run_without_oscillation_leaves_those_plots_out(tmp_path: Path) -> None:
     page = check_page(write_report(run))
     assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["accuracy.png", "loss.png"]
     assert len(page.imgs) == 2
+    text = " ".join(page.text)
+    assert "Oscillation per layer" not in text and "no oscillation" not in text.lower()  # no method, no empty section
+
+
+def test_a_method_named_without_data_says_so(tmp_path: Path) -> None:
+    run = make_run(tmp_path, osc=False)
+    (run / "config.yaml").write_text("name: r\nmethods:\n- {name: oscillation_tracking}\n")
+    page = check_page(write_report(run))
     assert "no oscillation plot" in " ".join(page.text).lower()
+
+
+def test_perplexity_run_speaks_perplexity(tmp_path: Path) -> None:
+    run = tmp_path / "llm"
+    run.mkdir()
+    rows = [{"stage": "float", "step": 0, "test_perplexity": 40.0, "test_loss": 3.69, "other_perplexity": 12.0},
+            {"stage": "direct", "step": 0, "test_perplexity": 120.0, "test_loss": 4.79, "other_perplexity": 26.0},
+            {"stage": "qat", "step": 50, "test_perplexity": 36.0, "test_loss": 3.58, "train_loss": 3.7},
+            {"stage": "qat", "step": 100, "test_perplexity": 34.0, "test_loss": 3.53, "train_loss": 3.5},
+            {"stage": "final", "step": 100, "test_perplexity": 34.0, "test_loss": 3.53, "other_perplexity": 15.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"recipe": "llm", "dataset": "shakespeare", "model": "smollm2", "metric_name": "perplexity",
+               "float_metric": 40.0, "direct_metric": 120.0, "quant_metric": 34.0, "qat_metric": 34.0,
+               "weight_bits": 4, "act_bits": 32, "float_bytes": 1000, "quant_bytes": 300, "methods": [],
+               "other_corpus": "kjv", "float_other_perplexity": 12.0, "quant_other_perplexity": 15.0,
+               "lowrank": {"rank": 32, "alpha": 1.0, "phi": "fixed_point8", "variant": "lrqat", "recompute": True}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "plots").mkdir()
+    (run / "plots" / "accuracy.png").write_bytes(b"stale")  # from an earlier run of this name
+    page = check_page(write_report(run))
+    text = " ".join(page.text)
+    for needle in ("round-to-nearest perplexity (before QAT)", "120.00", "0.85x", "12.00 → 15.00 (1.25x)",
+                   "low-rank lrqat rank 32", "W4 (activations float)"):
+        assert needle in text, needle
+    summary_text = text.split("Summary", 1)[1].split("Plots", 1)[0]
+    assert "points" not in summary_text and "%" not in summary_text
+    assert sorted(p.name for p in (run / "plots").glob("*.png")) == ["loss.png", "perplexity.png"]
 
 
 def test_unfinished_run(tmp_path: Path) -> None:

@@ -9,22 +9,15 @@ from typing import Any
 
 import pytest
 
-import lowbit.train
+import lowbit.run
 from lowbit.cli import main
-from lowbit.data import load_dataset
-from lowbit.errors import ConfigError, DatasetMissingError, TrainingError
+from lowbit.errors import ConfigError, TrainingError
 from lowbit.sweep import parse_grid, plan_cells, run_sweep
 from lowbit.sweep.results import add_ecr, aggregate
 
-try:
-    load_dataset("fashion_mnist")
-    HAVE_DATA, WHY = True, ""
-except DatasetMissingError as e:  # pragma: no cover - depends on the machine
-    HAVE_DATA, WHY = False, str(e)
-
 RECIPE = """\
-# a seconds-long ternary MLP
-data: {train_subset: 256, test_subset: 128, batch_size: 64}
+# a seconds-long ternary MLP, on the synthetic dataset (no installed data needed)
+data: {name: synthetic, train_subset: 256, test_subset: 128, batch_size: 64}
 model: {name: mlp, args: {width: 16, depth: 1}}
 pretrain: {epochs: 1}
 quant: {weight: {bits: 2}, act: {bits: 8, learn_scale: false}, first_last_bits: null}
@@ -123,18 +116,17 @@ def test_ecr_is_computed_per_panel_and_seed() -> None:
     assert a16["ecr_of_means"] == pytest.approx(16.0)
 
 
-@pytest.mark.skipif(not HAVE_DATA, reason=WHY)
 def test_sweep_runs_every_cell_once_and_resumes(
     recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls: list[tuple[str, bool]] = []
-    real_run = lowbit.train.run
+    real_run = lowbit.run.run
 
     def counting_run(recipe: Any, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
         calls.append((run_dir.name, resume))
         return real_run(recipe, run_dir, resume=resume, progress=progress)
 
-    monkeypatch.setattr(lowbit.train, "run", counting_run)
+    monkeypatch.setattr(lowbit.run, "run", counting_run)
     runs = tmp_path / "runs"
     grid = ["model.args.width=[8,16]", "quant.weight.bits=[2,3]"]
     assert main(["sweep", str(recipe), *grid, "--runs", str(runs), "--no-progress"]) == 0
@@ -175,7 +167,7 @@ def test_sweep_runs_every_cell_once_and_resumes(
             raise TrainingError("loss became nan")
         return counting_run(recipe, run_dir, resume, progress)
 
-    monkeypatch.setattr(lowbit.train, "run", failing_run)
+    monkeypatch.setattr(lowbit.run, "run", failing_run)
     with pytest.raises(TrainingError, match=r"1 of 4 sweep cells failed \(width-8_bits-2\)"):
         run_sweep(recipe, grid, runs, progress=False)
     assert calls == [(names[3], True)]
@@ -191,25 +183,27 @@ def test_cli_errors_name_the_key(recipe: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_llm_summaries_give_a_table_without_plots(tmp_path: Path) -> None:
-    """LLM runs (lowbit.llm_train) report perplexity and no parameter count: tables yes, ECR and plots no."""
+    """LLM runs report perplexity: tables yes; ECR and plots (read from an error curve) no."""
     from lowbit.cli import find_recipe
     from lowbit.sweep import collect_rows
     from lowbit.sweep.results import write_results
 
-    cells, grid = plan_cells(find_recipe("llm-tiny"), ["llm.bits=[3,4]"], tmp_path / "s")
+    cells, grid = plan_cells(find_recipe("llm-tiny"), ["quant.weight.bits=[3,4]"], tmp_path / "s")
     for i, cell in enumerate(cells):
         cell.run_dir.mkdir(parents=True)
         (cell.run_dir / "config.yaml").write_text(cell.config_text())
-        summary = {"kind": "llm", "model": "random-llama", "dataset": "shakespeare", "weight_bits": 3 + i,
-                   "metric_name": "perplexity", "float_metric": 250.0, "step0_metric": 251.0 - i,
-                   "quant_metric": 244.0 + i, "float_bytes": 400_000, "quant_bytes": 100_000}  # fmt: skip
+        summary = {"task": "causal_lm", "model": "random-llama", "dataset": "shakespeare", "weight_bits": 3 + i,
+                   "metric_name": "perplexity", "float_metric": 250.0, "direct_metric": 251.0 - i,
+                   "quant_metric": 244.0 + i, "float_bytes": 400_000, "quant_bytes": 100_000,
+                   "num_parameters": 90_000}  # fmt: skip
         (cell.run_dir / "summary.json").write_text(json.dumps(summary))
     rows = collect_rows(cells)
     assert [r["direct_metric"] for r in rows] == [251.0, 250.0]
     paths = write_results(rows, tmp_path / "s", list(grid))
     assert [p.name for p in paths] == ["results.csv", "results.md"]
     md = (tmp_path / "s" / "results.md").read_text()
-    assert "| bits | params | W bits | float (perplexity) |" in md and "| 3 | – | 3 | 250.00 | 251.00 | 244.00 |" in md
+    assert "| bits | params | W bits | float (perplexity) |" in md
+    assert "| 3 | 90,000 | 3 | 250.00 | 251.00 | 244.00 |" in md
 
 
 def test_interrupted_sweep_says_how_to_continue(

@@ -1,4 +1,7 @@
-"""The training loop: resume equality (also after kill -9), non-finite loss, damaged checkpoints."""
+"""The training loop: resume equality (also after kill -9), non-finite loss, damaged checkpoints.
+
+All on the synthetic dataset: nothing here depends on real images, and it needs no installed data.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,26 +19,24 @@ import torch
 from lowbit import methods as methods_mod
 from lowbit.checkpoint import load_checkpoint
 from lowbit.config import recipe_from_dict
-from lowbit.data import load_dataset
-from lowbit.errors import DatasetMissingError, FormatError, TrainingError
-from lowbit.train import run
-
-try:
-    load_dataset("fashion_mnist")
-    HAVE_DATA, WHY = True, ""
-except DatasetMissingError as e:  # pragma: no cover - depends on the machine
-    HAVE_DATA, WHY = False, str(e)
-
-pytestmark = pytest.mark.skipif(not HAVE_DATA, reason=WHY)
+from lowbit.errors import FormatError, TrainingError
+from lowbit.run import run
 
 TINY = {
     "name": "t",
-    "data": {"train_subset": 640, "test_subset": 200, "batch_size": 64},
+    "data": {"name": "synthetic", "train_subset": 640, "test_subset": 200, "batch_size": 64},
     "model": {"name": "mlp", "args": {"width": 32, "depth": 2}},
     "pretrain": {"epochs": 1},
     "qat": {"epochs": 2},
     "checkpoint_every": 3,
 }
+
+
+@dataclass(frozen=True)
+class InterruptSettings:
+    at: int
+    marker: str
+    hard: bool = False
 
 
 class Interrupt:
@@ -43,13 +45,15 @@ class Interrupt:
     ``marker`` is a file created when it fires, so the resumed run passes that step.
     """
 
+    Settings = InterruptSettings
+
     def __init__(self, total_steps: int, at: int, marker: str, hard: bool = False) -> None:
         self.at, self.hard, self.marker = at, hard, Path(marker)
 
     def attach(self, model):  # noqa: ANN001, ANN201
         pass
 
-    def loss(self, model):  # noqa: ANN001, ANN201
+    def loss(self, model, batch=None, outputs=None):  # noqa: ANN001, ANN201
         return None
 
     def step(self, step: int) -> None:
@@ -104,7 +108,7 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
         from test_train import Interrupt, TINY
         from lowbit import methods
         from lowbit.config import recipe_from_dict
-        from lowbit.train import run
+        from lowbit.run import run
         methods.METHODS["interrupt"] = Interrupt
         at = int(sys.argv[3])
         m = {{"name": "interrupt", "at": at, "marker": sys.argv[1] + ".fired", "hard": True}}
@@ -125,13 +129,20 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@dataclass(frozen=True)
+class NanAtSettings:
+    at: int
+
+
 class NanAt(Interrupt):
     """A test method whose extra loss is NaN from a given step on."""
 
-    def __init__(self, total_steps: int, at: int) -> None:
+    Settings = NanAtSettings  # type: ignore[assignment]
+
+    def __init__(self, total_steps: int, at: int) -> None:  # type: ignore[override]
         self.at, self.now = at, 0
 
-    def loss(self, model):  # noqa: ANN001, ANN201
+    def loss(self, model, batch=None, outputs=None):  # noqa: ANN001, ANN201
         return torch.tensor(float("nan")) if self.now >= self.at else None
 
     def step(self, step: int) -> None:

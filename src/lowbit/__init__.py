@@ -8,12 +8,13 @@
 
 from lowbit import quant
 from lowbit.api import convert, prepare
-from lowbit.config import QuantConfig, QuantSpec, Rule
+from lowbit.config import LowRankSpec, QuantConfig, QuantSpec, Rule
 from lowbit.errors import ConfigError, FormatError
 from lowbit.export.io import load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "quant", "prepare", "convert", "save", "load", "QuantConfig", "QuantSpec", "Rule", "ConfigError", "FormatError",
+    "quant", "prepare", "convert", "save", "load", "QuantConfig", "QuantSpec", "Rule", "LowRankSpec", "ConfigError",
+    "FormatError",
 ]

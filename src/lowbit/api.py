@@ -1,11 +1,14 @@
 """``prepare`` and ``convert``: walk the modules, match rules, swap layers, report the layer table.
 
 ``prepare(model, config, calib)`` replaces every ``nn.Linear`` / ``nn.Conv2d`` (unless a rule skips it)
-by its quantized module, in place, reusing the original parameters; creates every quantizer's state;
+by a quantized layer kind, in place, reusing the original parameters; creates every quantizer's state;
 initialises weight ranges from the weights and activation ranges from the calibration batches. After it
-returns, an optimizer can be built: nothing is created later.
+returns, an optimizer can be built: nothing is created later. The kind comes from ``LAYER_KINDS``:
+``QuantLinear`` / ``QuantConv2d``, or, where the config (or a rule) sets ``lowrank``, the LR-QAT layer
+or the QLoRA-style baseline (``lowbit.methods.lrqat``).
 
-``convert(model)`` returns a model of integer modules whose eval outputs equal the fake-quant model's.
+``convert(model)`` returns a model of integer modules whose eval outputs equal the fake-quant model's,
+through ``CONVERTERS``: one entry per layer kind (the LR-QAT merge is the low-rank layer's).
 """
 
 from __future__ import annotations
@@ -13,80 +16,111 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.config import INHERIT, QuantConfig, QuantSpec, Rule
+from lowbit.config import INHERIT, LowRankSpec, QuantConfig, QuantSpec, Rule
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import INT_MODULES
+from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear
+from lowbit.methods.lrqat import LOWRANK_KINDS, LowRankQuantLinear, QLoRALinear, convert_lowrank, convert_qlora
 from lowbit.quant.calibrate import init_range
 from lowbit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from lowbit.quant.modules import quantized_layers as fake_quant_layers
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["prepare", "convert", "layer_table", "quantized_layers", "calibrate"]
+__all__ = ["prepare", "convert", "layer_table", "quantized_layers", "calibrate", "LAYER_KINDS", "CONVERTERS"]
+
+# (float module type, lowrank variant or None) -> quantized layer kind: the one place that says what lowbit
+# can quantize and into what
+LAYER_KINDS: dict[tuple[type[nn.Module], str | None], Any] = {
+    (nn.Linear, None): QuantLinear,
+    (nn.Conv2d, None): QuantConv2d,
+    **{(nn.Linear, variant): kind for variant, kind in LOWRANK_KINDS.items()},
+}
+
+# quantized layer kind -> its converter to integer modules
+CONVERTERS: dict[type[nn.Module], Callable[[Any], nn.Module]] = {
+    QuantLinear: IntLinear.from_quant,
+    QuantConv2d: IntConv2d.from_quant,
+    LowRankQuantLinear: convert_lowrank,
+    QLoRALinear: convert_qlora,
+}
+
+Plan = dict[str, tuple[QuantSpec | None, QuantSpec | None, LowRankSpec | None]]
 
 log = logging.getLogger(__name__)
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
+    kinds = tuple(CONVERTERS)
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear | QuantConv2d):
+        if isinstance(mod, kinds):
             raise ConfigError(f"module {name!r} is already quantized: call lowbit.prepare once per model")
         if type(mod) in QUANT_MODULES:
             out.append((name, mod))
     return out
 
 
-def _resolve(spec: QuantSpec | None | str, default: QuantSpec | None) -> QuantSpec | None:
-    return default if spec == INHERIT else spec  # type: ignore[return-value]
+def _resolve(spec: Any, default: Any) -> Any:
+    return default if spec == INHERIT else spec
 
 
-def _plan(
-    names: list[str], config: QuantConfig
-) -> dict[str, tuple[QuantSpec | None, QuantSpec | None]]:
-    """Layer name -> (weight spec, act spec) for the layers that will be swapped."""
+def _plan(names: list[str], config: QuantConfig) -> Plan:
+    """Layer name -> (weight spec, act spec, lowrank) for the layers that will be swapped."""
     for i, rule in enumerate(config.rules):
         if not any(fnmatch.fnmatchcase(n, rule.match) for n in names):
             shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
             raise ConfigError(
                 f"rules[{i}].match={rule.match!r} matches no quantizable layer: candidates are {shown}"
             )
-    plan: dict[str, tuple[QuantSpec | None, QuantSpec | None]] = {}
+    plan: Plan = {}
     unruled: list[str] = []
     for name in names:
         rule: Rule | None = next((r for r in config.rules if fnmatch.fnmatchcase(name, r.match)), None)
         if rule is None:
-            plan[name] = (config.weight, config.act)
+            plan[name] = (config.weight, config.act, config.lowrank)
             unruled.append(name)
         elif not rule.skip:
-            plan[name] = (_resolve(rule.weight, config.weight), _resolve(rule.act, config.act))
+            plan[name] = (
+                _resolve(rule.weight, config.weight),
+                _resolve(rule.act, config.act),
+                _resolve(rule.lowrank, config.lowrank),
+            )
     fl = config.first_last_bits
     swapped = list(plan)  # the first and last *quantized* layers, skipped ones not counted
     if fl is not None and swapped:
         first, last = swapped[0], swapped[-1]
         if first in unruled:
-            w, _ = plan[first]
-            plan[first] = (w.replace(bits=fl) if w else None, None)
+            w, _, lr = plan[first]
+            plan[first] = (w.replace(bits=fl) if w else None, None, lr)
         if last in unruled and last != first:
-            w, a = plan[last]
-            plan[last] = (w.replace(bits=fl) if w else None, a.replace(bits=fl) if a else None)
+            w, a, lr = plan[last]
+            plan[last] = (w.replace(bits=fl) if w else None, a.replace(bits=fl) if a else None, lr)
     return plan
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _layer_kind(name: str, mod: nn.Module, weight: QuantSpec | None, lowrank: LowRankSpec | None) -> Any:
+    variant = None if lowrank is None else lowrank.variant
+    kind = LAYER_KINDS.get((type(mod), variant))
+    if kind is None:
+        allowed = sorted(t.__name__ for t, v in LAYER_KINDS if v == variant)
+        raise ConfigError(
+            f"layer {name!r}: lowrank (variant {variant!r}) applies to {', '.join(allowed)} layers, "
+            f"not {type(mod).__name__}: add a rule with lowrank: null for it"
+        )
+    if lowrank is not None and weight is None:
+        raise ConfigError(f"layer {name!r}: lowrank needs a quantized weight, but its weight spec is null")
+    return kind
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The quantized (or integer) layers of ``model`` in module order."""
-    kinds = tuple(QUANT_MODULES.values()) + tuple(INT_MODULES.values())
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    """The quantized (fake-quant, of every kind) or integer layers of ``model`` in module order."""
+    fake = {id(m) for _, m in fake_quant_layers(model)}
+    return [(n, m) for n, m in model.named_modules() if id(m) in fake or isinstance(m, INT_LAYERS)]
 
 
 def _fmt(q: Quantizer | None) -> str:
@@ -182,26 +216,31 @@ def prepare(
             f"{', '.join(t.__name__ for t in QUANT_MODULES)} modules"
         )
     plan = _plan([n for n, _ in cands], config)
-    needs_calib = any(a is not None for _, a in plan.values())
+    needs_calib = any(a is not None for _, a, _ in plan.values())
     if needs_calib and calib is None:
         raise ConfigError(
             "calib=None is not allowed when activations are quantized: pass calib=[batch, ...] "
             "(a few training batches), or set act=None"
         )
+    if "" in plan:
+        raise ConfigError("the model itself is a single layer: wrap it in nn.Sequential to quantize it")
     for name, mod in cands:
         if name not in plan:
             continue
-        w, a = plan[name]
-        qtype = QUANT_MODULES[type(mod)]
+        w, a, lowrank = plan[name]
+        kind = _layer_kind(name, mod, w, lowrank)
         try:
-            new = qtype.from_float(mod, w, a)  # type: ignore[arg-type]
+            new = kind.from_float(mod, w, a, lowrank)
+        except ConfigError as e:
+            raise ConfigError(f"layer {name!r}: {e}") from None
         except ValueError as e:
             raise ConfigError(f"layer {name!r}: {e}") from None
-        if new.weight_quantizer is not None:
-            init_range(new.weight_quantizer, new.weight)
-        if name == "":
-            raise ConfigError("the model itself is a single layer: wrap it in nn.Sequential to quantize it")
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
+    if config.freeze_unquantized:
+        keep = {id(p) for _, m in fake_quant_layers(model) for p in m.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
     if needs_calib:
         assert calib is not None
         calibrate(model, calib)
@@ -215,13 +254,17 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     The result is in eval mode; its outputs equal ``model.eval()``'s. ``model`` itself is left unchanged
     unless ``inplace=True``.
     """
-    layers = quantized_layers(model)
-    if not any(isinstance(m, QuantLinear | QuantConv2d) for _, m in layers):
+    if not fake_quant_layers(model):
         raise ConfigError("convert needs a model returned by lowbit.prepare: it has no quantized layer")
     out = model if inplace else copy.deepcopy(model)
     out.eval()
-    for name, mod in quantized_layers(out):
-        int_type = INT_MODULES.get(type(mod))
-        if int_type is not None:
-            _set_submodule(out, name, int_type.from_quant(mod))
+    for name, mod in fake_quant_layers(out):
+        converter = CONVERTERS.get(type(mod))
+        if converter is None:
+            raise ConfigError(f"layer {name!r}: no converter for {type(mod).__name__} (known: {_names(CONVERTERS)})")
+        out.set_submodule(name, converter(mod))
     return out
+
+
+def _names(table: dict[type, Any]) -> str:
+    return ", ".join(t.__name__ for t in table)

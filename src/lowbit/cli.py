@@ -61,46 +61,37 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
-def _print_llm_summary(s: dict, report: Path | None = None) -> None:
-    ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
-    rows = [
-        ("model / method", f"{s['model']} / {s['method']} W{s['weight_bits']} {s['granularity']}"),
-        ("float perplexity (held out)", f"{s['float_metric']:.2f}"),
-        ("step 0 (round-to-nearest)", f"{s['step0_metric']:.2f}"),
-        ("integer model perplexity", f"{s['quant_metric']:.2f} ({s['quant_metric'] / s['float_metric']:.2f}x float)"),
-        *(
-            [
-                (
-                    "other corpus: float → integer",
-                    f"{s['float_other_perplexity']:.2f} → {s['quant_other_perplexity']:.2f}",
-                )
-            ]  # noqa: E501
-            if s.get("quant_other_perplexity") is not None
-            else []
-        ),
-        ("trained", f"{s['steps']} steps, {s['tokens']:,} tokens, {s['trainable_parameters']:,} parameters"),
-        ("float size", f"{s['float_bytes']:,} bytes"),
-        ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
-        ("time", f"{s['train_seconds']:.0f} s"),
-        *([("report", str(report))] if report is not None else []),
-    ]
-    print(_table(rows))
+def _fmt_metric(metric: str, v: float) -> str:
+    return f"{v:.2f}%" if metric == "accuracy" else f"{v:.2f}"
 
 
 def _print_summary(s: dict, report: Path | None = None) -> None:
-    if s.get("kind") == "llm":
-        return _print_llm_summary(s, report)
+    metric = s["metric_name"]
+    fm, dm, qm = s["float_metric"], s["direct_metric"], s["quant_metric"]
     ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
+    bits = f"W{s['weight_bits']}A{s['act_bits']}" if s["act_bits"] != 32 else f"W{s['weight_bits']}"
+    kind = f", low-rank {s['lowrank']['variant']} rank {s['lowrank']['rank']}" if s.get("lowrank") else ""
+    # perplexity: lower is better, compared as a ratio
+    change = ("change", f"{qm - fm:+.2f} points") if metric == "accuracy" else ("integer / float", f"{qm / fm:.2f}x")
     rows = [
         ("model / dataset", f"{s['model']} / {s['dataset']}"),
-        (f"float {s['metric_name']}", f"{s['float_metric']:.2f}%"),
-        (f"W{s['weight_bits']}A{s['act_bits']} {s['metric_name']}", f"{s['quant_metric']:.2f}%"),
+        ("quantization", bits + kind + (f", methods: {', '.join(s['methods'])}" if s["methods"] else "")),
+        (f"float {metric}", _fmt_metric(metric, fm)),
+        (f"{bits} {metric} before QAT (round-to-nearest)", _fmt_metric(metric, dm)),
         *(
-            [("end of QAT (before finish steps)", f"{s['qat_metric']:.2f}%")]
-            if s.get("qat_metric") not in (None, s["quant_metric"])
+            [(f"fake-quant {metric}, end of QAT (before finish steps)", _fmt_metric(metric, s["qat_metric"]))]
+            if s.get("qat_metric") not in (None, qm)
             else []
         ),
-        ("change", f"{s['quant_metric'] - s['float_metric']:+.2f} points"),
+        (f"{bits} {metric} (integer model)", _fmt_metric(metric, qm)),
+        change,
+        *(
+            [(f"other corpus ({s.get('other_corpus')}): float -> integer",
+              f"{s['float_other_perplexity']:.2f} -> {s['quant_other_perplexity']:.2f}")]
+            if s.get("quant_other_perplexity") is not None
+            else []
+        ),  # fmt: skip
+        ("trained", f"{s['steps']:,} steps, {s['trainable_parameters']:,} trainable parameters"),
         ("float size", f"{s['float_bytes']:,} bytes"),
         ("quantized size", f"{s['quant_bytes']:,} bytes ({ratio:.1f}x smaller)"),
         ("time", f"{s['train_seconds']:.0f} s (QAT {s['qat_seconds']:.0f} s)"),
@@ -110,7 +101,7 @@ def _print_summary(s: dict, report: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lowbit.train import run
+    from lowbit.run import run
 
     path = find_recipe(args.recipe)
     recipe = load_recipe(path, args.overrides)
@@ -127,94 +118,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_arg: str):  # noqa: ANN202 - (run_dir, recipe, data, model): the run's final fake-quant model
-    from lowbit.data import load_dataset
-    from lowbit.train import _subset, restore_qat_model
+def _load_run(run_arg: str):  # noqa: ANN202 - (run_dir, recipe, task, integer model) of a finished run
+    from lowbit.export.io import load
+    from lowbit.tasks import TASKS
 
     run_dir = Path(run_arg)
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no config.yaml: pass a directory written by `lowbit train`")
-    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
-    data = _subset(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
-    return run_dir, recipe, data, restore_qat_model(recipe, data, run_dir / "checkpoints" / "qat.safetensors")
-
-
-def _llm_recipe(run_arg: str):  # noqa: ANN202 - the Recipe of an LLM run, or None
-    cfg = Path(run_arg) / "config.yaml"
-    if not cfg.is_file():
-        return None
-    recipe = recipe_from_dict(yaml.safe_load(cfg.read_text()))
-    return recipe if recipe.llm is not None else None
-
-
-def _eval_llm(run_dir: Path, recipe, as_json: bool) -> int:  # noqa: ANN001
-    from transformers import AutoTokenizer
-
-    from lowbit.export.io import load
-    from lowbit.llm_train import corpus_tokens, score
-
-    cfg = recipe.llm
+    try:
+        raw = yaml.safe_load(cfg.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cfg} is not valid YAML: {e}") from None
+    recipe = recipe_from_dict(raw)
     path = run_dir / "model.safetensors"
     if not path.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no model.safetensors yet: finish it with `lowbit train --resume`")
-    _, held, other = corpus_tokens(cfg, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
-    row = score(load(path), cfg, held, other)
-    out = {"integer_perplexity": row["test_perplexity"]}
-    rows = [("run", str(run_dir))]
-    rows.append((f"integer model perplexity ({cfg.corpus}, held out)", f"{row['test_perplexity']:.3f}"))
-    if other is not None:
-        out["integer_other_perplexity"] = row["other_perplexity"]
-        rows.append((f"integer model perplexity ({cfg.other_corpus})", f"{row['other_perplexity']:.3f}"))
-    print(_table(rows))
-    if as_json:
-        print(json.dumps(out))
-    return 0
+    return run_dir, recipe, TASKS[recipe.task].for_run(recipe, run_dir), load(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from lowbit.api import convert
-    from lowbit.train import evaluate
-
-    llm = _llm_recipe(args.run)
-    if llm is not None:
-        return _eval_llm(Path(args.run), llm, args.json)
-    run_dir, recipe, data, model = _load_run(args.run)
-    with torch.no_grad():
-        fq = evaluate(model, data.test_x, data.test_y, recipe.data.eval_batch_size)
-        iq = evaluate(convert(model), data.test_x, data.test_y, recipe.data.eval_batch_size)
-    rows = [
-        ("run", str(run_dir)),
-        ("fake-quant accuracy", f"{fq['accuracy']:.2f}%"),
-        ("integer accuracy", f"{iq['accuracy']:.2f}%"),
-        ("test loss", f"{iq['loss']:.4f}"),
-    ]
+    run_dir, recipe, task, model = _load_run(args.run)
+    metric = task.metric_name
+    numbers = {k.removeprefix("test_"): v for k, v in task.evaluate(model).items()}
+    rows = [("run", str(run_dir)), (f"integer model {metric}", _fmt_metric(metric, numbers[metric]))]
+    rows += [(f"integer model {k}", f"{v:.4f}") for k, v in numbers.items() if k != metric]
+    summary_path = run_dir / "summary.json"
+    recorded = json.loads(summary_path.read_text()).get("quant_metric") if summary_path.is_file() else None
+    if recorded is not None:
+        rows.append((f"{metric} recorded by the run", _fmt_metric(metric, recorded)))
     print(_table(rows))
     if args.json:
-        print(json.dumps({"fake_quant": fq, "integer": iq}))
+        print(json.dumps({"integer": numbers, "recorded": recorded}))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lowbit.api import convert
     from lowbit.export.io import save
 
-    if _llm_recipe(args.run) is not None:
-        path = Path(args.run) / "model.safetensors"
-        raise ConfigError(
-            f"an LLM run is exported when it finishes: {str(path)!r} (+ .json, tokenizer/) is the integer model; "
-            "ONNX export of LLMs is not supported"
-        )
-    run_dir, _, data, model = _load_run(args.run)
-    int_model = convert(model)
+    run_dir, _, task, int_model = _load_run(args.run)
     if args.format == "onnx":
         from lowbit.export.onnx import export_onnx
 
-        out = export_onnx(int_model, Path(args.out or run_dir / "model.onnx"), data.test_x[:1])
+        out = export_onnx(int_model, Path(args.out or run_dir / "model.onnx"), task.sample_input())
+    elif args.out is None:
+        out = run_dir / "model.safetensors"  # the run wrote it when it finished, and load() just checked it
     else:
-        out = save(int_model, Path(args.out or run_dir / "model.safetensors"))
+        out = save(int_model, Path(args.out))
     print(_table([("exported", str(out)), ("size", f"{out.stat().st_size:,} bytes")]))
     return 0
 
@@ -234,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load(path)
     if not callable(getattr(model, "generate", None)):
         raise ConfigError(f"{str(path)!r} holds a {type(model).__name__}, not a Hugging Face causal LM")
-    from lowbit.llm import CACHE
+    from lowbit.llm.models import CACHE
 
     tok_dir = (
         Path(args.tokenizer)
@@ -276,7 +226,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 def cmd_memory(args: argparse.Namespace) -> int:
     import torch
 
-    from lowbit.memory import METHODS, estimate_training_memory, load_config
+    from lowbit.llm.memory import METHODS, estimate_training_memory, load_config
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if args.dtype not in dtypes:
@@ -305,7 +255,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     )
     for r in rows:
         print("  " + "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]))
-    print("  total is the step's peak, not the row's sum: activations are freed as gradients arrive (lowbit.memory)")
+    print("  total is the step's peak, not the row's sum: activations are freed as gradients arrive")
     return 0
 
 
@@ -334,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a finished run (fake-quant and integer model)")
+    e = sub.add_parser("eval", help="evaluate a finished run's integer model (model.safetensors)")
     e.add_argument("run", help="run directory, e.g. runs/default")
     e.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     e.set_defaults(func=cmd_eval)

@@ -23,26 +23,28 @@ from typing import Any, Literal, Union
 import yaml
 
 from lowbit.errors import ConfigError
-from lowbit.llm_config import LLMConfig
 from lowbit.validate import check as _check
 from lowbit.validate import is_int as _is_int
 from lowbit.validate import require_int
 
 __all__ = [
     "QuantSpec",
+    "LowRankSpec",
     "Rule",
     "QuantConfig",
     "DataConfig",
     "ModelConfig",
     "StageConfig",
+    "TextConfig",
     "Recipe",
-    "LLMConfig",
+    "TASKS",
     "INHERIT",
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
     "apply_overrides",
     "stage_hash",
+    "build_section",
     "require_int",
 ]
 
@@ -104,6 +106,44 @@ class QuantSpec:
 
 SpecOrInherit = Union[QuantSpec, None, Literal["inherit"]]  # noqa: UP007
 
+PHI_STORAGES = ("fixed_point8", "bf16", "fp32", "int")
+LOWRANK_VARIANTS = ("lrqat", "qlora")
+
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """Train a linear layer through low-rank adapters instead of its weight (LR-QAT, METHODS.md §2).
+
+    ``variant``: ``lrqat`` puts the adapters inside the integer grid (``W = s·clip(round(Φ0 + (α/r)AB))``,
+    merged exactly into integers); ``rank: 0`` with it trains the scales only. ``qlora`` is the baseline
+    with frozen round-to-nearest integers and float adapters outside the grid. ``phi``: how the frozen
+    ``Φ0`` is stored (``fixed_point8`` int8 Q(b).(8−b), ``bf16``, ``fp32``, or ``int`` packed at b bits).
+    ``recompute``: rebuild the weight in the backward pass instead of keeping it (the paper's checkpointing).
+    """
+
+    rank: int = 32
+    alpha: float = 1.0
+    phi: str = "fixed_point8"
+    variant: str = "lrqat"
+    recompute: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.rank) and self.rank >= 0, "rank", self.rank, "an integer >= 0 (0: scales only)")
+        _check(
+            isinstance(self.alpha, int | float) and not isinstance(self.alpha, bool) and self.alpha > 0,
+            "alpha", self.alpha, "a number > 0",
+        )  # fmt: skip
+        object.__setattr__(self, "alpha", float(self.alpha))
+        _check(self.phi in PHI_STORAGES, "phi", self.phi, f"one of {PHI_STORAGES}")
+        _check(self.variant in LOWRANK_VARIANTS, "variant", self.variant, f"one of {LOWRANK_VARIANTS}")
+        _check(
+            self.variant != "qlora" or self.rank >= 1, "rank", self.rank, "an integer >= 1 with variant: qlora"
+        )
+        _check(isinstance(self.recompute, bool), "recompute", self.recompute, "true or false")
+
+
+LowRankOrInherit = Union[LowRankSpec, None, Literal["inherit"]]  # noqa: UP007
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -113,9 +153,14 @@ class Rule:
     weight: SpecOrInherit = INHERIT
     act: SpecOrInherit = INHERIT
     skip: bool = False
+    lowrank: LowRankOrInherit = INHERIT
 
     def __post_init__(self) -> None:
         _check(isinstance(self.match, str) and self.match != "", "match", self.match, "a non-empty glob")
+        _check(
+            self.lowrank is None or self.lowrank == INHERIT or isinstance(self.lowrank, LowRankSpec),
+            "lowrank", self.lowrank, "a LowRankSpec, None (train the weight) or 'inherit'",
+        )  # fmt: skip
         for name in ("weight", "act"):
             v = getattr(self, name)
             _check(
@@ -134,12 +179,18 @@ class QuantConfig:
     ``first_last_bits``: when set, the first and last quantized layers (in module order) get weights at
     that many bits, the first layer's input stays float and the last layer's input uses that many bits
     (the LSQ paper's setup), unless a rule matches them.
+
+    ``lowrank``: train the quantized linear layers through low-rank adapters (LR-QAT and its baselines,
+    ``LowRankSpec``); a rule may set or clear it per layer. ``freeze_unquantized``: parameters outside
+    the quantized layers (embeddings, norms, an LLM's head) do not train, as in weight-only LLM QAT.
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
     act: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4))
     rules: tuple[Rule, ...] = ()
     first_last_bits: int | None = None
+    lowrank: LowRankSpec | None = None
+    freeze_unquantized: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
@@ -152,10 +203,19 @@ class QuantConfig:
                 self.first_last_bits,
                 "null or an integer from 1 to 8",
             )
+        _check(
+            self.lowrank is None or isinstance(self.lowrank, LowRankSpec), "lowrank", self.lowrank,
+            "null or a LowRankSpec mapping (rank, alpha, phi, variant, recompute)",
+        )  # fmt: skip
+        fz = self.freeze_unquantized
+        _check(isinstance(fz, bool), "freeze_unquantized", fz, "true or false")
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The dataset (classification: a name from ``lowbit.data.DATASETS``; causal_lm: a corpus,
+    ``shakespeare``, ``kjv`` or ``file:PATH``) and its batch sizes."""
+
     name: str = "fashion_mnist"
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -173,26 +233,72 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model: a name from ``lowbit.models`` (classification), or for causal_lm ``smollm2``,
+    ``random-llama`` (a random LLaMA built from ``args``, with a byte-level tokenizer) or a local Hugging
+    Face folder."""
+
     name: str = "mobilenetv2"
     args: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TextConfig:
+    """What only causal language modelling needs: the corpus split, sequence length, evaluation windows.
+
+    The training corpus (``data.name``) keeps its last ``heldout_fraction`` for perplexity;
+    ``other_corpus`` is scored as a whole (a corpus the model never trains on). Perplexity is taken on
+    ``eval_windows`` sliding windows of ``eval_window`` tokens. ``block_checkpoint`` recomputes each decoder
+    block in the backward pass.
+    """
+
+    seq_len: int = 256
+    heldout_fraction: float = 0.1
+    other_corpus: str | None = "kjv"
+    eval_windows: int = 16
+    eval_window: int = 512
+    block_checkpoint: bool = True
+
+    def __post_init__(self) -> None:
+        for n, lo in (("seq_len", 2), ("eval_windows", 1), ("eval_window", 2)):
+            require_int("text", n, getattr(self, n), lo)
+        _check(
+            isinstance(self.heldout_fraction, int | float) and 0 < self.heldout_fraction < 1,
+            "heldout_fraction", self.heldout_fraction, "a number in (0, 1)",
+        )  # fmt: skip
+        _check(isinstance(self.block_checkpoint, bool), "block_checkpoint", self.block_checkpoint, "true or false")
+
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "linear")
+TASKS = ("classification", "causal_lm")
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """One training stage (float pre-training, or QAT). ``epochs`` may be fractional (0.5 = half)."""
+    """One training stage (float pre-training, or QAT).
+
+    Length: ``steps`` when set, else ``epochs`` (may be fractional) of the task's batches; 0 means no
+    training (QAT with 0 steps is round-to-nearest). Weights (or adapters) train with ``optimizer`` at
+    ``lr`` under ``schedule`` (``cosine``; ``linear``: warm-up over the first ``warmup`` fraction, then
+    linear decay to 0; ``constant``), quantizer scales with ``scale_optimizer`` at ``scale_lr``, constant
+    unless ``schedule_scales``. ``grad_clip`` clips the global gradient norm. The task is evaluated every
+    ``eval_every`` steps (0: at the end of each epoch) and at the end.
+    """
 
     epochs: float = 1.0
+    steps: int | None = None
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
+    betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 5e-5
     schedule: str = "cosine"
+    warmup: float = 0.0
     scale_optimizer: str = "adam"
     scale_lr: float = 1e-3
+    schedule_scales: bool = False
+    grad_clip: float | None = None
+    eval_every: int = 0
     max_steps: int | None = None  # stop after this many steps (smoke runs); the schedule is unchanged
 
     def __post_init__(self) -> None:
@@ -211,13 +317,33 @@ class StageConfig:
             self.max_steps,
             "null or a positive integer",
         )
+        _check(self.steps is None or (_is_int(self.steps) and self.steps >= 0), "steps", self.steps,
+               "null (use epochs) or an integer >= 0")  # fmt: skip
+        object.__setattr__(self, "betas", tuple(self.betas))
+        _check(
+            len(self.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas),
+            "betas", list(self.betas), "two numbers in [0, 1)",
+        )  # fmt: skip
+        wu = self.warmup
+        _check(isinstance(wu, int | float) and 0 <= wu < 1, "warmup", wu, "a fraction in [0, 1)")
+        _check(isinstance(self.schedule_scales, bool), "schedule_scales", self.schedule_scales, "true or false")
+        _check(
+            self.grad_clip is None or (isinstance(self.grad_clip, int | float) and self.grad_clip > 0),
+            "grad_clip", self.grad_clip, "null or a number > 0",
+        )  # fmt: skip
+        require_int("stage", "eval_every", self.eval_every, 0)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole run: data, model, float pre-training, quantization and QAT."""
+    """A whole run: task, data, model, float pre-training, quantization and QAT.
+
+    ``task``: ``classification`` (images) or ``causal_lm`` (a pretrained language model on a text corpus:
+    set ``text``; ``pretrain`` is skipped, the model is already trained).
+    """
 
     name: str = "default"
+    task: str = "classification"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -230,10 +356,16 @@ class Recipe:
     methods: tuple[dict[str, Any], ...] = ()
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     threads: int | None = None
-    llm: LLMConfig | None = None  # set: `lowbit train` runs LLM weight-only QAT (lowbit.llm_train) instead
+    device: str = "cpu"
+    text: TextConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
+        _check(self.task in TASKS, "task", self.task, f"one of {TASKS}")
+        _check(isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda"), "device",
+               self.device, "cpu or cuda (cuda:N)")  # fmt: skip
+        if self.task == "causal_lm" and self.text is None:
+            object.__setattr__(self, "text", TextConfig())
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
         _check(_is_int(self.calib_batches) and self.calib_batches >= 1, "calib_batches", self.calib_batches, ">= 1")
         _check(
@@ -244,6 +376,31 @@ class Recipe:
         )
         for m in self.methods:
             _check(isinstance(m, dict) and "name" in m, "methods", m, "a list of {name: ..., ...} mappings")
+
+
+# What a causal_lm recipe starts from (weight-only LR-QAT of every linear but the head, the LR-QAT
+# paper's optimizer: AdamW β = (0.9, 0.95), no weight decay, 10 % warm-up then linear decay for adapters
+# and scales, clipping at 1.0). A recipe states only what differs from these.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal_lm": {
+        "model": ModelConfig(name="smollm2"),
+        "data": DataConfig(name="shakespeare", batch_size=1, eval_batch_size=4),
+        "pretrain": StageConfig(epochs=0),
+        "quant": QuantConfig(
+            weight=QuantSpec(bits=4, granularity="channel", init="lp"),
+            act=None,
+            rules=(Rule(match="lm_head", skip=True),),
+            lowrank=LowRankSpec(),
+            freeze_unquantized=True,
+        ),
+        "qat": StageConfig(
+            steps=100, optimizer="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, schedule="linear",
+            warmup=0.1, scale_optimizer="adamw", scale_lr=1e-5, schedule_scales=True, grad_clip=1.0,
+        ),  # fmt: skip
+        "calib_batches": 1,
+        "checkpoint_every": 25,
+    }
+}
 
 
 # -- dict <-> dataclass ------------------------------------------------------------------------------
@@ -340,13 +497,21 @@ def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: Any = None) 
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-def _build_quant(data: dict[str, Any], path: str) -> QuantConfig:
-    """QuantConfig, where each rule's partial spec is merged over the config's own spec."""
+def build_section(cls: Any, data: dict[str, Any], path: str) -> Any:
+    """A frozen settings dataclass ``cls`` from a mapping, validated like every recipe section (errors
+    name ``path.key``); used for the methods' settings."""
+    return _build(cls, data, path)
+
+
+def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> QuantConfig:
+    """QuantConfig over ``default``, where each rule's partial spec is merged over the config's own spec."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
     data = dict(data)
-    rules_raw = data.pop("rules", [])
-    base = _build(QuantConfig, data, path, inherit_from=_field_default(Recipe, "quant"))
+    if "rules" not in data:
+        return _build(QuantConfig, data, path, inherit_from=default)
+    rules_raw = data.pop("rules")
+    base = _build(QuantConfig, data, path, inherit_from=default)
     if not isinstance(rules_raw, list):
         raise ConfigError(f"{path}.rules={rules_raw!r} is not allowed: expected a list of rules")
     rules = []
@@ -358,16 +523,18 @@ def _build_quant(data: dict[str, Any], path: str) -> QuantConfig:
         if not isinstance(r, dict):
             raise ConfigError(f"{rp}={r!r} is not allowed: expected a mapping with 'match'")
         r = dict(r)
-        unknown = set(r) - {"match", "weight", "act", "skip"}
+        unknown = set(r) - {"match", "weight", "act", "skip", "lowrank"}
         if unknown:
             raise ConfigError(
-                f"unknown key {rp + '.' + sorted(unknown)[0]!r}: allowed keys are match, weight, act, skip"
+                f"unknown key {rp + '.' + sorted(unknown)[0]!r}: allowed keys are match, weight, act, skip, lowrank"
             )
         if "match" not in r:
             raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
         for k, default in (("weight", base.weight), ("act", base.act)):
             if isinstance(r.get(k), dict):
                 r[k] = _build(QuantSpec, r[k], f"{rp}.{k}", inherit_from=default)
+        if isinstance(r.get("lowrank"), dict):
+            r["lowrank"] = _build(LowRankSpec, r["lowrank"], f"{rp}.lowrank", inherit_from=base.lowrank)
         try:
             rules.append(Rule(**r))
         except ConfigError as e:
@@ -380,8 +547,11 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe={data!r} is not allowed: expected a mapping")
     data = dict(data)
-    quant = _build_quant(data.pop("quant"), "quant") if "quant" in data else None
-    recipe = _build(Recipe, data, "")
+    task = data.get("task", "classification")
+    _check(task in TASKS, "task", task, f"one of {TASKS}")
+    base = Recipe(task=task, **TASK_DEFAULTS.get(task, {}))
+    quant = _build_quant(data.pop("quant"), "quant", base.quant) if "quant" in data else None
+    recipe = _build(Recipe, data, "", inherit_from=base)
     return dataclasses.replace(recipe, quant=quant) if quant is not None else recipe
 
 
@@ -396,8 +566,16 @@ def _to_plain(obj: Any) -> Any:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The fully resolved recipe as plain data (round-trips through ``recipe_from_dict``)."""
-    return _to_plain(recipe)
+    """The fully resolved recipe as plain data (round-trips through ``recipe_from_dict``).
+
+    Sections the recipe's task does not use are left out: ``text`` for classification, ``pretrain``
+    for a causal LM (it starts pretrained), so a resolved config shows only what the run used.
+    """
+    out = _to_plain(recipe)
+    if not isinstance(recipe, Recipe):
+        return out
+    unused = {"classification": ("text",), "causal_lm": ("pretrain",)}.get(recipe.task, ())
+    return {k: v for k, v in out.items() if k not in unused}
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -3,16 +3,20 @@
 ``write_report(run_dir)`` reads ``metrics.jsonl`` (required) and, where present, ``summary.json`` (absent
 while a run is unfinished) and ``config.yaml``, and writes into ``run_dir``:
 
-    plots/accuracy.png      test accuracy, pre-training then QAT; float accuracy line; final integer marker
+    plots/<metric>.png      the run's metric (accuracy, or perplexity on a log scale), pre-training then
+                            QAT; the float model's line; round-to-nearest and the final integer marker
     plots/loss.png          test loss, and train loss where logged
-    plots/oscillation.png   oscillating / frozen fractions over QAT: overall, top layers, the rest in grey
-    plots/osc_hist.png      last QAT evaluation: share of each layer's weights per flip-frequency bin
-    report.html             summary, per-layer oscillation table, plots as base64 data: URIs, the config;
+    plots/<method plots>    what each method of the run contributes (oscillation: oscillation.png,
+                            osc_hist.png)
+    report.html             summary, each method's section, plots as base64 data: URIs, the config;
                             inline CSS, no external URL, everything from files HTML-escaped
 
-Optional data may be missing (older or unfinished runs, no oscillation method, a line cut off by a kill):
-that plot or section is left out and the page says why. Files are written to a temporary name and moved
-into place. Figures use ``Figure`` + the Agg canvas, never pyplot, so matplotlib's global state is untouched.
+The summary speaks the run's metric: accuracy changes in points, perplexity as a ratio to the float
+model's (lower is better), with the other corpus beside it for language models. Each method named in
+the run's config contributes its own section through its ``report(rows)`` hook (``lowbit.methods``);
+this module knows no method's schema. Optional data may be missing (older or unfinished runs, a line
+cut off by a kill): that plot or section is left out and the page says why. Files are written to a
+temporary name and moved into place. Figures use ``Figure`` + the Agg canvas, never pyplot.
 """
 
 from __future__ import annotations
@@ -22,27 +26,22 @@ import html
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from lowbit.checkpoint import atomic_write_text
 from lowbit.errors import ConfigError
+from lowbit.figures import Row, Section, html_table, num
+from lowbit.figures import figure as _figure
 
 __all__ = ["write_report"]
 
 log = logging.getLogger(__name__)
 
-Row = dict[str, Any]
-TOP_LAYERS = 6  # layers drawn in colour (and named) in the oscillation-over-time plot
-MAX_HEATMAP_LAYERS = 60  # beyond this the heatmap keeps the layers that oscillate most
 STAGES = {"pretrain": ("pre-training", "tab:blue"), "qat": ("QAT", "tab:orange")}
 CSS = """body{font:16px/1.4 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;margin-top:1.6em}
@@ -51,12 +50,6 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.95em}th{background:#f5f5
 th,td{padding:.25em .8em;border-bottom:1px solid #eee;text-align:left}
 .n{text-align:right;font-variant-numeric:tabular-nums}img{width:100%;height:auto;border:1px solid #eee}
 pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:.85em;border:1px solid #eee}"""
-
-
-def _num(v: Any) -> float | None:
-    """``v`` as a finite float, or None (missing, not a number, NaN)."""
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    return float(v) if ok else None
 
 
 def read_metrics(path: Path) -> tuple[list[Row], int]:
@@ -74,34 +67,19 @@ def read_metrics(path: Path) -> tuple[list[Row], int]:
     return rows, bad
 
 
-def _osc(row: Row) -> Row | None:
-    o = row.get("oscillation")
-    return o if row.get("stage") == "qat" and isinstance(o, dict) else None
-
-
-def _layers(osc: Row) -> dict[str, Row]:
-    layers = osc.get("layers")
-    return {str(k): v for k, v in layers.items() if isinstance(v, dict)} if isinstance(layers, dict) else {}
-
-
-def _last_osc(rows: list[Row]) -> Row | None:
-    """The oscillation data of the last QAT evaluation that has per-layer data."""
-    return next((o for r in reversed(rows) if (o := _osc(r)) is not None and _layers(o)), None)
-
-
 class _Axis:
     """x positions: epochs if every training row has one, else steps; QAT continues after pre-training."""
 
     def __init__(self, rows: list[Row]) -> None:
         train = [r for r in rows if r.get("stage") in STAGES]
-        self.unit = "epoch" if train and all(_num(r.get("epoch")) is not None for r in train) else "step"
-        pre = [x for r in train if r.get("stage") == "pretrain" and (x := _num(r.get(self.unit))) is not None]
+        self.unit = "epoch" if train and all(num(r.get("epoch")) is not None for r in train) else "step"
+        pre = [x for r in train if r.get("stage") == "pretrain" and (x := num(r.get(self.unit))) is not None]
         self.offset = max(pre, default=0.0)
         self.label = f"{self.unit} (pre-training, then QAT)" if self.offset else self.unit
 
     def series(self, rows: list[Row], stage: str, key: str) -> tuple[list[float], list[float]]:
         shift = self.offset if stage == "qat" else 0.0
-        raw = [(_num(r.get(self.unit)), _num(r.get(key))) for r in rows if r.get("stage") == stage]
+        raw = [(num(r.get(self.unit)), num(r.get(key))) for r in rows if r.get("stage") == stage]
         pts = sorted((x + shift, y) for x, y in raw if x is not None and y is not None)
         return [x for x, _ in pts], [y for _, y in pts]
 
@@ -116,19 +94,14 @@ class _Axis:
         ax.legend(fontsize=8)
 
 
-def _figure(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_accuracy(rows: list[Row], summary: Row, metric: str) -> Figure | str:
+def plot_metric(rows: list[Row], summary: Row, metric: str) -> Figure | str:
     axis, key = _Axis(rows), f"test_{metric}"
     first = next((r for r in rows if r.get("stage") == "float"), None)
     last = next((r for r in reversed(rows) if r.get("stage") == "final"), None)
-    ref = _num(first.get(key)) if first else _num(summary.get("float_metric"))
-    final = _num(last.get(key)) if last else _num(summary.get("quant_metric"))
-    before = _num(last.get(f"before_finish_{metric}")) if last else _num(summary.get("qat_metric"))
+    ref = num(first.get(key)) if first else num(summary.get("float_metric"))
+    direct = next((num(r.get(key)) for r in rows if r.get("stage") == "direct"), num(summary.get("direct_metric")))
+    final = num(last.get(key)) if last else num(summary.get("quant_metric"))
+    before = num(last.get(f"before_finish_{metric}")) if last else num(summary.get("qat_metric"))
     curves = {s: axis.series(rows, s, key) for s in STAGES}
     if not any(xs for xs, _ in curves.values()):
         return f"no {metric} plot: metrics.jsonl has no test_{metric} of pre-training or QAT yet"
@@ -139,12 +112,17 @@ def plot_accuracy(rows: list[Row], summary: Row, metric: str) -> Figure | str:
             ax.plot(xs, ys, marker="o", ms=4, color=STAGES[stage][1], label=STAGES[stage][0])
     if ref is not None:
         ax.axhline(ref, color="#555", ls="--", lw=1, label=f"float model ({ref:.2f})")
+    if direct is not None:
+        ax.axhline(direct, color="tab:purple", ls=":", lw=1, label=f"round-to-nearest, before QAT ({direct:.2f})")
     end = max(xs[-1] for xs, _ in curves.values() if xs)
     if before is not None:
         ax.plot([end], [before], "o", mfc="none", mec="tab:red", ms=9, label=f"fake-quant before finish ({before:.2f})")
     if final is not None:
         ax.plot([end], [final], "*", color="tab:red", ms=14, label=f"integer model, final ({final:.2f})")
-    axis.finish(ax, f"test {metric}" + (" (%)" if metric == "accuracy" else ""), f"Test {metric}")
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    unit = " (%)" if metric == "accuracy" else " (held out, log scale; lower is better)"
+    axis.finish(ax, f"test {metric}{unit}", f"Test {metric}")
     return fig
 
 
@@ -159,130 +137,87 @@ def plot_loss(rows: list[Row]) -> Figure | str:
         if xs:
             ax.plot(xs, ys, marker="o", ms=3, ls="-" if key == "test_loss" else "--", color=STAGES[stage][1],
                     label=f"{STAGES[stage][0]} {key.replace('_', ' ')}")
-    ref = next((_num(r.get("test_loss")) for r in rows if r.get("stage") == "float"), None)
+    ref = next((num(r.get("test_loss")) for r in rows if r.get("stage") == "float"), None)
     if ref is not None:
         ax.axhline(ref, color="#555", ls="--", lw=1, label=f"float model test loss ({ref:.3f})")
     axis.finish(ax, "loss", "Loss")
     return fig
 
 
-def plot_oscillation(rows: list[Row]) -> Figure | str:
-    unit = "epoch" if all(_num(r.get("epoch")) is not None for r in rows if _osc(r)) else "step"
-    pts = [(x, o) for r in rows if (o := _osc(r)) is not None and (x := _num(r.get(unit))) is not None]
-    fields = ("oscillating", "frozen")
-    if not any(_num(d.get(f)) is not None for _, o in pts for d in (o, *_layers(o).values()) for f in fields):
-        return "no oscillation plot: no QAT evaluation logged oscillation data (the run used no oscillation method)"
-
-    def trace(field: str, name: str | None = None) -> tuple[list[float], list[float]]:  # in %
-        xy = [(x, 100 * v) for x, o in pts
-              if (v := _num((o if name is None else _layers(o).get(name, {})).get(field))) is not None]
-        return [x for x, _ in xy], [y for _, y in xy]
-
-    last = _layers(pts[-1][1])
-    top = sorted(last, key=lambda n: -(_num(last[n].get("oscillating")) or 0.0))[:TOP_LAYERS]
-    rest = [n for n in dict.fromkeys(n for _, o in pts for n in _layers(o)) if n not in top]
-    fig = _figure(11, 4.2)
-    axes = fig.subplots(1, 2, sharex=True)
-    thr = _num(pts[-1][1].get("threshold"))
-    for ax, field in zip(axes, fields, strict=True):
-        for name in rest:
-            ax.plot(*trace(field, name), color="#bbb", lw=0.6)
-        for i, name in enumerate(top):
-            ax.plot(*trace(field, name), color=f"C{i}", lw=1.2, marker=".", ms=4, label=name)
-        ax.plot(*trace(field), color="k", lw=2.2, marker="o", ms=3, label="all layers")
-        title = f"Oscillating weights (EMA flip frequency > {thr:g})" if field == "oscillating" and thr else None
-        ax.set(xlabel=f"QAT {unit}", ylabel=f"{field} weights (%)", title=title or f"{field.capitalize()} weights")
-        ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8, title_fontsize=8,
-               title="layers" + (f" (+{len(rest)} grey)" if rest else ""))
-    return fig
-
-
-def plot_histogram(rows: list[Row]) -> Figure | str:
-    osc = _last_osc(rows)
-    edges = osc.get("hist_edges") if osc else None
-    if osc is None or not isinstance(edges, list) or len(edges) < 2 or any(_num(e) is None for e in edges):
-        return "no oscillation histogram: no QAT evaluation logged per-layer histograms with hist_edges"
-    layers = _layers(osc)
-    data = {n: h for n, v in layers.items() if isinstance(h := v.get("hist"), list) and len(h) == len(edges) - 1
-            and all(_num(c) is not None for c in h)}
-    data = {n: data[n] for n in sorted(data, key=lambda n: -(_num(layers[n].get("oscillating")) or 0.0))
-            [:MAX_HEATMAP_LAYERS]} if len(data) > MAX_HEATMAP_LAYERS else data
-    counts = np.array(list(data.values()), dtype=float).reshape(len(data), len(edges) - 1)  # (layers, bins)
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    if not (share > 0).any():
-        return "no oscillation histogram: the per-layer histograms are empty or do not match hist_edges"
-    fig = _figure(9, max(2.8, 0.26 * len(data) + 1.6))
-    ax = fig.add_subplot()
-    img = ax.imshow(np.ma.masked_equal(share, 0), aspect="auto", interpolation="nearest", cmap="viridis",
-                    norm=LogNorm(vmin=min(share[share > 0].min(), 0.01), vmax=1.0))
-    ax.set_yticks(range(len(data)), list(data), fontsize=8)
-    ax.set_xticks(np.arange(len(edges)) - 0.5, [f"{e:g}" for e in edges], fontsize=8, rotation=45)
-    thr = _num(osc.get("threshold"))
-    if thr is not None and edges[0] <= thr <= edges[-1]:
-        ax.axvline(float(np.interp(thr, edges, np.arange(len(edges)))) - 0.5, color="tab:red", lw=1.2, ls="--")
-    more = f", {MAX_HEATMAP_LAYERS} layers that oscillate most" if len(layers) > MAX_HEATMAP_LAYERS else ""
-    ax.set(xlabel="EMA flip frequency (bin edges; dashed: reporting threshold; blank: no weights)",
-           title=f"Share of each layer's weights per flip-frequency bin (last QAT evaluation{more})")
-    fig.colorbar(img, ax=ax, label="share of the layer's weights", aspect=max(20, len(data)))
-    return fig
-
-
 def summary_rows(s: Row, rows: list[Row], metric: str) -> list[tuple[str, str]]:
     """(label, value) pairs of the summary table: what the run recorded, or the evaluations so far."""
     key, pct = f"test_{metric}", "%" if metric == "accuracy" else ""
-    fm = _num(s.get("float_metric"))
-    fm = next((_num(r.get(key)) for r in rows if r.get("stage") == "float"), None) if fm is None else fm
-    qm, qlabel = _num(s.get("quant_metric")), f"quantized (integer) {metric}"
-    last = next((r for r in reversed(rows) if r.get("stage") == "qat" and _num(r.get(key)) is not None), None)
+
+    def stage_value(stage: str, field: str = key) -> float | None:
+        return next((num(r.get(field)) for r in rows if r.get("stage") == stage), None)
+
+    fm = num(s.get("float_metric"))
+    fm = stage_value("float") if fm is None else fm
+    dm = num(s.get("direct_metric"))
+    dm = stage_value("direct") if dm is None else dm
+    qm, qlabel = num(s.get("quant_metric")), f"quantized (integer) {metric}"
+    last = next((r for r in reversed(rows) if r.get("stage") == "qat" and num(r.get(key)) is not None), None)
     if qm is None and last is not None:  # unfinished run: the last QAT evaluation so far
-        at = f"epoch {last['epoch']:g}" if _num(last.get("epoch")) is not None else f"step {last.get('step', '?')}"
-        qm, qlabel = _num(last[key]), f"fake-quant {metric} so far (QAT {at})"
-    qat = _num(s.get("qat_metric"))
+        at = f"epoch {last['epoch']:g}" if num(last.get("epoch")) is not None else f"step {last.get('step', '?')}"
+        qm, qlabel = num(last[key]), f"fake-quant {metric} so far (QAT {at})"
+    qat = num(s.get("qat_metric"))
     w, a, fl = (s.get(k) for k in ("weight_bits", "act_bits", "first_last_bits"))
-    fb, qb, n, ts, qs = (_num(s.get(k)) for k in
-                         ("float_bytes", "quant_bytes", "num_parameters", "train_seconds", "qat_seconds"))
+    fb, qb, ts, qs = (num(s.get(k)) for k in ("float_bytes", "quant_bytes", "train_seconds", "qat_seconds"))
+    n = num(s.get("trainable_parameters", s.get("num_parameters")))
+    lowrank = s.get("lowrank") if isinstance(s.get("lowrank"), dict) else None
     methods = s.get("methods")
+    if fm is None or qm is None:
+        change = None
+    elif metric == "accuracy":
+        change = ("change", f"{qm - fm:+.2f} points")
+    else:
+        change = ("integer / float perplexity", f"{qm / fm:.2f}x" if fm else "")
+    fo, qo = num(s.get("float_other_perplexity")), num(s.get("quant_other_perplexity"))
+    bits = None
+    if w and a:
+        bits = f"W{w}" + (f"A{a}" if a != 32 else " (activations float)")
+        bits += f", first/last layers {fl}-bit" if fl is not None else ""
+        bits += f", low-rank {lowrank.get('variant')} rank {lowrank.get('rank')}" if lowrank else ""
     out = [
         ("model / dataset", f"{s.get('model', '?')} / {s.get('dataset', '?')}" if "model" in s else None),
-        ("bits", f"W{w}A{a}" + (f", first/last layers {fl}-bit" if fl is not None else "") if w and a else None),
+        ("bits", bits),
         (f"float {metric}", f"{fm:.2f}{pct}" if fm is not None else None),
+        (f"round-to-nearest {metric} (before QAT)", f"{dm:.2f}{pct}" if dm is not None else None),
         (f"fake-quant {metric}, end of QAT", f"{qat:.2f}{pct}" if qat is not None else None),
         (qlabel, f"{qm:.2f}{pct}" if qm is not None else None),
-        ("change", f"{qm - fm:+.2f} points" if fm is not None and qm is not None else None),
+        change,
+        (f"other corpus ({s.get('other_corpus', '?')}) perplexity: float → integer",
+         f"{fo:.2f} → {qo:.2f} ({qo / fo:.2f}x)" if fo and qo is not None else None),
         ("float size", f"{int(fb):,} bytes" if fb is not None else None),
         ("quantized size", f"{int(qb):,} bytes" + (f" ({fb / qb:.1f}x smaller)" if fb and qb else "")
          if qb is not None else None),
-        ("parameters", f"{int(n):,}" if n is not None else None),
+        ("trained parameters", f"{int(n):,}" if n is not None else None),
         ("methods", ", ".join(map(str, methods)) or "none" if isinstance(methods, list) else None),
         ("time", f"{ts:.0f} s" + (f" (QAT {qs:.0f} s)" if qs is not None else "")
          + (f", {s['torch_threads']} threads" if s.get("torch_threads") else "") if ts is not None else None),
-    ]
-    return [(k, v) for k, v in out if v is not None]
+    ]  # fmt: skip
+    return [r for r in out if r is not None and r[1] is not None]  # type: ignore[misc]
 
 
-def _table(head: list[str], body: list[list[str]], numeric: tuple[int, ...] = ()) -> str:
-    def cells(tag: str, row: list[str]) -> str:
-        return "".join(f"<{tag}{' class=n' * (i in numeric)}>{html.escape(c)}</{tag}>" for i, c in enumerate(row))
+def method_sections(config: Any, rows: list[Row], notes: list[str]) -> list[Section]:
+    """The sections the run's methods (named in its config) contribute through their ``report`` hooks."""
+    from lowbit.methods import build_methods
 
-    return "<table>" + (f"<tr>{cells('th', head)}</tr>" if head else "") + "".join(
-        f"<tr>{cells('td', r)}</tr>" for r in body) + "</table>"
-
-
-def oscillation_table(rows: list[Row]) -> str:
-    osc = _last_osc(rows)
-    if osc is None:
-        return '<p class="note">No per-layer oscillation data: the run used no oscillation method.</p>'
-
-    def pct(v: Any) -> str:
-        return "" if _num(v) is None else f"{100 * v:.2f}%"
-
-    body = [[n, str(v.get("bits", "")), f"{int(v['numel']):,}" if _num(v.get("numel")) is not None else "",
-             pct(v.get("oscillating")), pct(v.get("frozen"))] for n, v in _layers(osc).items()]
-    body.append(["all layers", "", "", pct(osc.get("oscillating")), pct(osc.get("frozen"))])
-    thr = _num(osc.get("threshold"))
-    note = f"<p>Oscillating: EMA flip frequency above {thr:g}.</p>" if thr is not None else ""
-    return note + _table(["layer", "bits", "weights", "oscillating", "frozen"], body, (1, 2, 3, 4))
+    specs = config.get("methods") if isinstance(config, dict) else None
+    if not isinstance(specs, list) or not specs:
+        return []
+    try:
+        methods = build_methods(specs, total_steps=1)
+    except ConfigError as e:
+        notes.append(f"The run's methods could not be rebuilt for their report sections: {e}")
+        return []
+    sections: dict[str, Section] = {}
+    for m in methods:
+        hook = getattr(m, "report", None)
+        if callable(hook):
+            section = hook(rows)
+            sections.setdefault(section.title, section)  # oscillation methods share one section
+    return list(sections.values())
 
 
 def _read(path: Path, parse: Any, notes: list[str]) -> Any:
@@ -305,6 +240,16 @@ def _write_png(fig: Figure, path: Path) -> bytes:
     return buf.getvalue()
 
 
+def _figure_html(run_dir: Path, stem: str, caption: str, made: Figure | str) -> str:
+    """The figure written to ``plots/<stem>.png`` and inlined, or the note saying why it is left out."""
+    if isinstance(made, str):
+        log.debug("report: %s", made)
+        return f'<p class="note">{html.escape(made[0].upper() + made[1:])}.</p>'
+    uri = "data:image/png;base64," + base64.b64encode(_write_png(made, run_dir / "plots" / f"{stem}.png")).decode()
+    return (f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>")  # fmt: skip
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/plots/*.png`` and ``run_dir/report.html`` from what the run holds; returns the HTML path."""
     run_dir = Path(run_dir)
@@ -324,20 +269,17 @@ def write_report(run_dir: Path) -> Path:
     metric = str(summary.get("metric_name") or "accuracy")
 
     (run_dir / "plots").mkdir(exist_ok=True)
-    figures = []
-    for stem, caption, made in (
-        ("accuracy", f"Test {metric} during training.", plot_accuracy(rows, summary, metric)),
-        ("loss", "Loss during training.", plot_loss(rows)),
-        ("oscillation", "Oscillating and frozen weights during QAT.", plot_oscillation(rows)),
-        ("osc_hist", "Oscillation frequency per layer at the end of QAT.", plot_histogram(rows)),
-    ):
-        if isinstance(made, str):
-            log.debug("report: %s", made)
-            figures.append(f'<p class="note">{html.escape(made[0].upper() + made[1:])}.</p>')
-            continue
-        uri = "data:image/png;base64," + base64.b64encode(_write_png(made, run_dir / "plots" / f"{stem}.png")).decode()
-        figures.append(f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}'
-                       "</figcaption></figure>")
+    # a plot left from an earlier run of another kind (accuracy.png beside perplexity.png) would mislead
+    other = {"accuracy": "perplexity", "perplexity": "accuracy"}.get(metric)
+    if other:
+        (run_dir / "plots" / f"{other}.png").unlink(missing_ok=True)
+    main = [(metric, f"Test {metric} during training.", plot_metric(rows, summary, metric)),
+            ("loss", "Loss during training.", plot_loss(rows))]  # fmt: skip
+    sections = method_sections(config, rows, notes)
+    parts = []
+    for section in sections:
+        parts += [f"<h2>{html.escape(section.title)}</h2>", section.html]
+        parts += [_figure_html(run_dir, *f) for f in section.figures]
 
     title = html.escape(f"lowbit report: {name}")
     page = "\n".join([
@@ -345,13 +287,13 @@ def write_report(run_dir: Path) -> Path:
         f"<style>\n{CSS}\n</style></head><body>\n<h1>{title}</h1>",
         f'<p class="sub">run directory: {html.escape(str(run_dir))}</p>',
         *(f'<p class="note">{html.escape(n)}</p>' for n in notes),
-        "<h2>Summary</h2>", _table([], [list(r) for r in summary_rows(summary, rows, metric)], (1,)),
-        "<h2>Oscillation per layer (last QAT evaluation)</h2>", oscillation_table(rows),
-        "<h2>Plots</h2>", *figures,
+        "<h2>Summary</h2>", html_table([], [list(r) for r in summary_rows(summary, rows, metric)], (1,)),
+        "<h2>Plots</h2>", *(_figure_html(run_dir, *f) for f in main),
+        *parts,
         "<h2>Resolved config (config.yaml)</h2>",
         f"<pre>{html.escape(config_text)}</pre>" if config_text else '<p class="note">No config.yaml in the run.</p>',
         "</body></html>\n",
-    ])
+    ])  # fmt: skip
     atomic_write_text(run_dir / "report.html", page)
     log.debug("report written to %s", run_dir / "report.html")
     return run_dir / "report.html"

@@ -18,7 +18,6 @@ from torch import nn
 
 from lowbit.data import text
 from lowbit.data.text import (
-    iterate_token_batches,
     load_corpus,
     sliding_window_perplexity,
     split_tokens,
@@ -208,25 +207,6 @@ def test_split_tokens_holds_out_the_tail() -> None:
     assert [len(p) for p in split_tokens(torch.arange(3), 0.01)] == [2, 1]
 
 
-def test_iterate_order_depends_only_on_seed_and_epoch() -> None:
-    blocks = token_blocks(torch.arange(10 * 4), 4)  # 10 blocks
-
-    def order(seed: int, epoch: int, **kw: object) -> list[list[int]]:
-        return [
-            b[:, 0].div(4, rounding_mode="floor").tolist() for b in iterate_token_batches(blocks, 3, seed, epoch, **kw)
-        ]
-
-    torch.manual_seed(123)
-    first = order(0, 0)
-    torch.manual_seed(456)  # the global RNG plays no part
-    assert order(0, 0) == first
-    assert [len(b) for b in first] == [3, 3, 3, 1]
-    assert sorted(i for b in first for i in b) == list(range(10))
-    assert order(0, 1) != first and order(1, 0) != first
-    assert [len(b) for b in order(0, 0, drop_last=True)] == [3, 3, 3]
-    assert order(0, 0, drop_last=True) == first[:3]
-
-
 @pytest.mark.parametrize(
     ("call", "match"),
     [
@@ -237,9 +217,6 @@ def test_iterate_order_depends_only_on_seed_and_epoch() -> None:
         (lambda: token_blocks(torch.arange(10).int(), 2), r"ids: expected a 1-D int64"),
         (lambda: split_tokens(torch.arange(10), 0.0), r"heldout_fraction=0\.0"),
         (lambda: split_tokens(torch.arange(10), 1), r"heldout_fraction=1"),
-        (lambda: next(iterate_token_batches(torch.arange(10), 2, 0, 0)), r"blocks: expected"),
-        (lambda: iterate_token_batches(torch.zeros(4, 2, dtype=torch.long), 0, 0, 0), r"batch_size=0"),
-        (lambda: iterate_token_batches(torch.zeros(4, 2, dtype=torch.long), 2, 0, -1), r"epoch=-1"),
     ],
 )
 def test_blocks_splits_batches_reject_bad_arguments(call: object, match: str) -> None:

@@ -1,4 +1,7 @@
-"""The oscillation methods and BN re-estimation inside real runs: metrics, report, eval, exact resume."""
+"""The oscillation methods and BN re-estimation inside real runs: metrics, report, eval, exact resume.
+
+The runs use the synthetic dataset (no installed data needed): the methods, not the images, are tested.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +16,10 @@ from lowbit import methods as methods_mod
 from lowbit.checkpoint import load_checkpoint
 from lowbit.cli import main
 from lowbit.config import recipe_from_dict
-from lowbit.data import load_dataset
-from lowbit.errors import DatasetMissingError
-from lowbit.train import run
-
-try:
-    load_dataset("fashion_mnist")
-    HAVE_DATA, WHY = True, ""
-except DatasetMissingError as e:  # pragma: no cover - depends on the machine
-    HAVE_DATA, WHY = False, str(e)
+from lowbit.run import run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_train import Interrupt  # noqa: E402  (the test method that interrupts a run at a given step)
-
-pytestmark = pytest.mark.skipif(not HAVE_DATA, reason=WHY)
 
 METHODS = [
     {"name": "oscillation_freezing", "start": 0.0, "threshold_start": 0.05, "threshold_final": 0.02, "momentum": 0.02},
@@ -35,7 +28,7 @@ METHODS = [
 ]
 SMALL = {
     "name": "osc",
-    "data": {"train_subset": 768, "test_subset": 256, "batch_size": 64},
+    "data": {"name": "synthetic", "train_subset": 768, "test_subset": 256, "batch_size": 64},
     "model": {"name": "mobilenetv2", "args": {"width_mult": 0.5}},
     "pretrain": {"epochs": 1},
     "quant": {"weight": {"bits": 3}, "act": {"bits": 3}},

@@ -1,4 +1,5 @@
-"""LR-QAT: fixed-point down-cast, step 0 = round-to-nearest, only A/B/s train, exact merge, save/load."""
+"""LR-QAT: fixed-point down-cast, step 0 = round-to-nearest, only A/B/s train, exact merge (convert), save/load,
+set_bits re-expressing Φ0."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 
 import lowbit
 from lowbit import ConfigError
-from lowbit.methods.lrqat import LowRankQuantLinear, from_fixed_point, merge, prepare_lrqat, to_fixed_point
+from lowbit.config import LowRankSpec, QuantConfig, QuantSpec, Rule
+from lowbit.methods.lrqat import LowRankQuantLinear, QLoRALinear, from_fixed_point, to_fixed_point
 from lowbit.quant import functional as F
 
 
@@ -41,6 +43,26 @@ def _model(seed: int = 0) -> nn.Module:
 TOKENS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
 
 
+def lrqat(
+    model: nn.Module,
+    bits: int = 4,
+    rank: int = 32,
+    granularity: str = "channel",
+    group_size: int | None = None,
+    phi: str = "fixed_point8",
+    checkpoint: bool = True,
+    variant: str = "lrqat",
+    skip: tuple[str, ...] = ("3", "lm_head"),
+) -> nn.Module:
+    """``lowbit.prepare`` with a lowrank setting: every linear but the head becomes a low-rank layer."""
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init="lp")
+    names = {n for n, _ in model.named_modules()}
+    rules = tuple(Rule(match=h, skip=True) for h in skip if h in names)
+    lowrank = LowRankSpec(rank=rank, phi=phi, recompute=checkpoint, variant=variant)
+    config = QuantConfig(weight=spec, act=None, lowrank=lowrank, rules=rules, freeze_unquantized=True)
+    return lowbit.prepare(model, config)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 def test_fixed_point_round_trip_is_exact_on_its_grid(bits: int) -> None:
     qmin, qmax = F.int_range(bits, True)
@@ -62,7 +84,7 @@ def test_step_zero_is_round_to_nearest_of_phi0(phi: str) -> None:
     q = layer.weight_quantizer
     s = F.positive_scale(q.scale.detach(), F.SCALE_EPS).reshape(-1, 1)
     rtn = torch.clamp(torch.round(lin.weight.detach() / s), -8, 7)
-    ints = layer.to_int().float()
+    ints = layer.weight_int().detach()
     if phi in ("fp32", "int"):
         assert torch.equal(ints, rtn)
     else:  # Φ0 is rounded to the down-cast grid first: only values within its precision of a tie may differ
@@ -73,7 +95,7 @@ def test_step_zero_is_round_to_nearest_of_phi0(phi: str) -> None:
 
 
 def test_only_adapters_and_scales_train() -> None:
-    model = prepare_lrqat(_model(), bits=3, rank=4)
+    model = lrqat(_model(), bits=3, rank=4)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_a", "lora_b", "weight_quantizer.scale")) for n in names)
     assert len(names) == 2 * 7 * 3
@@ -86,8 +108,8 @@ def test_only_adapters_and_scales_train() -> None:
 
 
 @pytest.mark.parametrize("granularity, group_size, phi", [("channel", None, "fixed_point8"), ("group", 16, "int")])
-def test_merge_is_exact_after_training(tmp_path: Path, granularity: str, group_size: int | None, phi: str) -> None:
-    model = prepare_lrqat(_model(), bits=3, rank=4, granularity=granularity, group_size=group_size, phi=phi)
+def test_convert_is_exact_after_training(tmp_path: Path, granularity: str, group_size: int | None, phi: str) -> None:
+    model = lrqat(_model(), bits=3, rank=4, granularity=granularity, group_size=group_size, phi=phi)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):
         loss = nn.functional.cross_entropy(model(TOKENS).reshape(-1, 50), TOKENS.roll(1, 1).reshape(-1))
@@ -98,12 +120,12 @@ def test_merge_is_exact_after_training(tmp_path: Path, granularity: str, group_s
     assert float(model[1].q_proj.lora_a.detach().abs().sum()) > 0
     with torch.no_grad():
         ref = model(TOKENS)
-        merged = merge(model)
+        merged = lowbit.convert(model)
         assert torch.equal(merged(TOKENS), ref)
         for name, m in model.named_modules():
             if isinstance(m, LowRankQuantLinear):
                 int_layer = dict(merged.named_modules())[name]
-                assert torch.equal(int_layer.qweight.weight_int, m.to_int())
+                assert torch.equal(int_layer.qweight.weight_int, m.weight_int().round().to(torch.int8))
         lowbit.save(merged, tmp_path / "llm.safetensors")
         loaded = lowbit.load(tmp_path / "llm.safetensors", model=_model(seed=5))
         assert torch.equal(loaded(TOKENS), ref)
@@ -124,7 +146,7 @@ def test_recomputing_function_gives_autograds_gradients(
     """The hand-written backward (checkpoint=True) equals autograd through the plain path, clipping included."""
     grads = []
     for ck in (True, False):
-        model = prepare_lrqat(
+        model = lrqat(
             _model(), bits=4, rank=rank, granularity=granularity, group_size=group_size, phi=phi, checkpoint=ck
         )
         with torch.no_grad():
@@ -164,39 +186,90 @@ def test_recomputing_function_with_bias_and_batched_input() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_bad_targets_and_ranks() -> None:
-    with pytest.raises(ConfigError, match="match no module"):
-        prepare_lrqat(_model(), targets=["*attn.c_proj"])
-    with pytest.raises(ConfigError, match="not nn.Linear"):
-        prepare_lrqat(_model(), targets=["*norm"])
+def test_bad_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="rank=40"):
-        prepare_lrqat(_model(), rank=40)
+        lrqat(_model(), rank=40)
     with pytest.raises(ConfigError, match="fixed_point8"):
         LowRankQuantLinear(nn.Linear(8, 8), lowbit.QuantSpec(bits=2, symmetric=False), rank=2)
     with pytest.raises(ConfigError, match="group_size"):
-        prepare_lrqat(_model(), rank=2, granularity="group", group_size=7)
+        lrqat(_model(), rank=2, granularity="group", group_size=7)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with pytest.raises(ConfigError, match="lowrank .*applies to Linear layers, not Conv2d"):
+        lowbit.prepare(conv, QuantConfig(act=None, lowrank=LowRankSpec(rank=2)))
+    with pytest.raises(ConfigError, match="lowrank needs a quantized weight"):
+        lowbit.prepare(_model(), QuantConfig(weight=None, act=None, lowrank=LowRankSpec(rank=2)))
+    with pytest.raises(ConfigError, match="variant"):
+        LowRankSpec(variant="lsq")
 
 
 def test_baselines_train_what_they_should() -> None:
-    scales = prepare_lrqat(_model(), bits=4, rank=4, method="scales_only")
+    scales = lrqat(_model(), bits=4, rank=0)
     names = {n for n, p in scales.named_parameters() if p.requires_grad}
     assert names and all(n.endswith("weight_quantizer.scale") for n in names)
-    qlora = prepare_lrqat(_model(), bits=4, rank=4, method="qlora")
+    qlora = lrqat(_model(), bits=4, rank=4, variant="qlora")
+    assert sum(isinstance(m, QLoRALinear) for m in qlora.modules()) == 14
     names = {n for n, p in qlora.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
-    rtn = prepare_lrqat(_model(), bits=4, rank=4, phi="fp32")
+    rtn = lrqat(_model(), bits=4, rank=4, phi="fp32")
     with torch.no_grad():  # at step 0 all three are the same round-to-nearest model
         ref = rtn(TOKENS)
         torch.testing.assert_close(qlora(TOKENS), ref)
-        torch.testing.assert_close(scales(TOKENS), prepare_lrqat(_model(), bits=4, rank=4)(TOKENS))
-    with pytest.raises(ConfigError, match="method='lsq'"):
-        prepare_lrqat(_model(), method="lsq")
+        torch.testing.assert_close(scales(TOKENS), lrqat(_model(), bits=4, rank=4)(TOKENS))
 
 
-def test_hugging_face_llama_merge_save_load(tmp_path: Path, tiny_llama: Callable[..., nn.Module]) -> None:
+def test_qlora_converts_with_its_adapters_and_reloads(tmp_path: Path) -> None:
+    model = lrqat(_model(), bits=3, rank=4, variant="qlora")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_a.normal_(0, 0.2, generator=torch.Generator().manual_seed(2))
+        model.eval()
+        ref = model(TOKENS)
+        converted = lowbit.convert(model)
+        assert torch.equal(converted(TOKENS), ref)
+        lowbit.save(converted, tmp_path / "q.safetensors")
+        loaded = lowbit.load(tmp_path / "q.safetensors", model=_model(seed=9))
+        assert torch.equal(loaded(TOKENS), ref)
+    meta = json.loads((tmp_path / "q.json").read_text())
+    assert meta["layers"]["1.q_proj"]["adapter"] == {"rank": 4, "alpha": 1.0}
+
+
+@pytest.mark.parametrize("phi", ["fixed_point8", "bf16", "fp32", "int"])
+@pytest.mark.parametrize("new_bits", [2, 3, 6])
+def test_set_bits_reexpresses_phi0_and_keeps_the_range(phi: str, new_bits: int) -> None:
+    torch.manual_seed(0)
+    layer = LowRankQuantLinear(nn.Linear(32, 12), lowbit.QuantSpec(bits=4, init="lp"), rank=3, phi=phi)
+    with torch.no_grad():
+        layer.lora_a.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    q = layer.weight_quantizer
+    s_old = F.positive_scale(q.scale.detach(), F.SCALE_EPS).clone()
+    phi_old, a_old = layer.phi0_float().clone(), layer.lora_a.detach().clone()
+    layer.set_bits(new_bits)
+    qmin, qmax = F.int_range(new_bits, True)
+    ratio = 15 / (2**new_bits - 1)
+    assert q.nbits == new_bits and int(layer.phi_bits) == new_bits
+    torch.testing.assert_close(F.positive_scale(q.scale.detach(), F.SCALE_EPS), s_old * ratio)  # same range
+    ints = layer.weight_int().detach()
+    assert int(ints.min()) >= qmin and int(ints.max()) <= qmax and torch.equal(ints, ints.round())
+    # the effective latent weights s·(Φ0 + (α/r)AB) are kept: Φ0 and A are divided by the step's growth, Φ0
+    # up to the storage's rounding (and clipped to the new grid), A exactly
+    torch.testing.assert_close(layer.lora_a.detach(), a_old / ratio)
+    step = {"fixed_point8": 2.0 ** (new_bits - 8), "bf16": 2.0**-7 * 2 ** (new_bits - 1), "fp32": 1e-6, "int": 1.0}
+    err = (layer.phi0_float() - (phi_old / ratio).clamp(qmin, qmax)).abs().max()
+    assert float(err) <= step[phi] / 2 + 1e-6
+    x = torch.randn(4, 32)
+    model = nn.Sequential(layer).eval()
+    with torch.no_grad():
+        assert torch.equal(lowbit.convert(model)(x), model(x))
+    with pytest.raises(ConfigError, match="set_bits"):  # the quantizer alone would leave Φ0 on the old grid
+        q.set_bits(4)
+        layer(x)
+
+
+def test_hugging_face_llama_convert_save_load(tmp_path: Path, tiny_llama: Callable[..., nn.Module]) -> None:
     """A tiny random LLaMA (tied embeddings): LR-QAT → merge → save → load rebuilds it from its HF config."""
     model = tiny_llama(tie_word_embeddings=True, max_position_embeddings=64).eval()
-    prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
+    lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
     assert sum(isinstance(m, LowRankQuantLinear) for m in model.modules()) == 14
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -204,7 +277,7 @@ def test_hugging_face_llama_merge_save_load(tmp_path: Path, tiny_llama: Callable
             if isinstance(m, LowRankQuantLinear):
                 m.lora_a.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
         ref = model(ids).logits
-        merged = merge(model)
+        merged = lowbit.convert(model)
         assert torch.equal(merged(ids).logits, ref)
         path = lowbit.save(merged, tmp_path / "llm.safetensors")
         loaded = lowbit.load(path)
@@ -241,8 +314,8 @@ def test_generate_from_a_saved_integer_llm(tmp_path: Path, capsys: pytest.Captur
         eos_token_id=None,
         bos_token_id=None,
     )
-    model = prepare_lrqat(transformers.LlamaForCausalLM(cfg).eval(), bits=4, rank=2)
-    lowbit.save(merge(model), tmp_path / "model.safetensors")
+    model = lrqat(transformers.LlamaForCausalLM(cfg).eval(), bits=4, rank=2)
+    lowbit.save(lowbit.convert(model), tmp_path / "model.safetensors")
     assert main(["generate", str(tmp_path), "the cat", "--max-new-tokens", "5"]) == 0
     text = capsys.readouterr().out.strip()
     assert text.startswith("the cat") and len(text.split()) == 7

@@ -247,7 +247,7 @@ def test_to_int_dequantizes_to_forward(spec: QuantSpec) -> None:
     assert int(ints.min()) >= qmin and int(ints.max()) <= qmax
     s, z = q.export_qparams()
     sb = q._broadcast(s, w)
-    deq = (q._view(ints.float()) - q._broadcast(z, w)) * sb if z is not None else q._view(ints.float()) * sb
+    deq = (q.view(ints.float()) - q._broadcast(z, w)) * sb if z is not None else q.view(ints.float()) * sb
     assert torch.equal(deq.reshape(w.shape), q(w))
 
 

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.data.vision import DATA_ENV, epoch_generator
+from lowbit.data.vision import DATA_ENV
 from lowbit.errors import ConfigError, DatasetMissingError
 
 log = logging.getLogger(__name__)
@@ -224,19 +224,6 @@ def token_blocks(ids: torch.Tensor, block_size: int, seed: int | None = None) ->
         offset = int(torch.randint(high, (1,), generator=torch.Generator().manual_seed(seed)))
     n_blocks = (len(ids) - offset) // block_size
     return ids[offset : offset + n_blocks * block_size].view(n_blocks, block_size)
-
-
-def iterate_token_batches(
-    blocks: torch.Tensor, batch_size: int, seed: int, epoch: int, drop_last: bool = False
-) -> Iterator[torch.Tensor]:
-    """Batches (≤ batch_size, block_size) of ``blocks`` in an order fixed by (seed, epoch) only."""
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.int64:
-        got = f"{blocks.dtype} {tuple(blocks.shape)}" if isinstance(blocks, torch.Tensor) else type(blocks).__name__
-        raise ConfigError(f"blocks: expected an int64 (n_blocks, block_size) tensor, got {got}")
-    _check_int("batch_size", batch_size, 1)
-    perm = torch.randperm(len(blocks), generator=epoch_generator(seed, epoch))
-    stop = len(blocks) - len(blocks) % batch_size if drop_last else len(blocks)
-    return (blocks.index_select(0, perm[lo : min(lo + batch_size, stop)]) for lo in range(0, stop, batch_size))
 
 
 # --------------------------------------------------------------------------- perplexity

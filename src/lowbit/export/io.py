@@ -40,15 +40,14 @@ from torch import Tensor, nn
 from lowbit.checkpoint import atomic_write_text
 from lowbit.config import QuantSpec
 from lowbit.errors import ConfigError, FormatError
-from lowbit.export.intmodules import IntConv2d, IntLinear, _IntWeight, int_dtype
+from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear, IntWeight, LowRankAdapter
 from lowbit.export.pack import pack, unpack
-from lowbit.quant.functional import int_range
+from lowbit.quant.functional import int_dtype, int_range
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
-INT_LAYERS = (IntLinear, IntConv2d)
 
 
 def _digest(meta: dict[str, Any], tensors: dict[str, Tensor]) -> str:
@@ -102,6 +101,11 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
                 tensors[f"{name}.weight_zero_point"] = qw.weight_zero_point.detach().float().contiguous()
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
+        adapter = getattr(mod, "adapter", None)
+        if adapter is not None:  # float adapters kept beside the integers (the QLoRA-style baseline)
+            entry["adapter"] = {"rank": adapter.rank, "alpha": adapter.alpha}
+            tensors[f"{name}.lora_a"] = adapter.lora_a.detach().float().contiguous()
+            tensors[f"{name}.lora_b"] = adapter.lora_b.detach().float().contiguous()
         iq = mod.input_quantizer
         entry["input"] = None if iq is None else _quantizer_meta(iq)
         if iq is not None:
@@ -253,7 +257,7 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
     bits = spec["bits"]
     if bits == 32:
         w = _take(tensors, f"{name}.weight", float_mod.weight.dtype, shape)
-        qweight = _IntWeight(None, None, None, 32, True, "tensor", 0, None, iq, w)
+        qweight = IntWeight(None, None, None, 32, True, "tensor", 0, None, iq, w)
     else:
         signed, numel = bool(spec["signed"]), int(torch.Size(shape).numel())
         qmin, qmax = int_range(bits, signed)
@@ -271,7 +275,7 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
             raise FormatError(f"tensor {name}.weight_scale has non-positive or non-finite values")
         zp = _take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
-        qweight = _IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq)
+        qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq)
     bkey = f"{name}.bias"
     bias = None
     if float_mod.bias is not None:
@@ -280,8 +284,29 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
     elif bkey in tensors:
         raise FormatError(f"tensor {bkey!r} is in the file but layer {name!r} of the model has no bias")
     if kind == "linear":
-        return IntLinear(float_mod.in_features, float_mod.out_features, qweight, bias)
+        adapter = _adapter(name, spec, shape, tensors)
+        return IntLinear(float_mod.in_features, float_mod.out_features, qweight, bias, adapter)
+    if "adapter" in spec:
+        raise FormatError(f"layer {name!r} is a conv2d with an adapter: only linear layers have adapters")
     return IntConv2d(float_mod, qweight, bias)
+
+
+def _adapter(
+    name: str, spec: dict[str, Any], shape: tuple[int, ...], tensors: dict[str, Tensor]
+) -> LowRankAdapter | None:
+    a = spec.get("adapter")
+    if a is None:
+        return None
+    if not isinstance(a, dict) or set(a) != {"rank", "alpha"}:
+        raise FormatError(f"layer {name!r}: adapter={a!r}; expected {{'rank': int, 'alpha': number}}")
+    rank, alpha = a["rank"], a["alpha"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(shape):
+        raise FormatError(f"layer {name!r}: adapter rank={rank!r}; allowed an int in 1..{min(shape)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        raise FormatError(f"layer {name!r}: adapter alpha={alpha!r}; allowed a number > 0")
+    lora_a = _take(tensors, f"{name}.lora_a", torch.float32, (shape[0], rank))
+    lora_b = _take(tensors, f"{name}.lora_b", torch.float32, (rank, shape[1]))
+    return LowRankAdapter(lora_a, lora_b, float(alpha))
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -290,8 +315,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     Without ``model`` the architecture is rebuilt from the registry name the file records; with it,
     ``model`` (the float architecture, e.g. a freshly built skeleton) is filled in place and returned.
     """
-    from lowbit.api import _set_submodule
-
     path = Path(path)
     meta, tensors = _read(path)
     try:
@@ -310,7 +333,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         for name, spec in layers.items():
             if name not in modules:
                 raise FormatError(f"layer {name!r} of the file does not exist in the model")
-            _set_submodule(model, name, _int_layer(name, spec, modules[name], tensors))
+            model.set_submodule(name, _int_layer(name, spec, modules[name], tensors))
         aliases = meta.get("aliases", {})
         if not isinstance(aliases, dict):
             raise FormatError("'aliases' is not a mapping")

@@ -1,17 +1,22 @@
 """QAT methods: small objects with ``attach``, ``loss``, ``step``, ``state_dict``, ``load_state_dict``.
 
 ``METHODS`` maps recipe names to constructors; the training loop builds them from here and never asks
-which one it holds. Besides the five required calls a method may define these optional hooks, which the
-loop calls through ``call_hooks`` on every method that has them:
+which one it holds. ``loss(model, batch, outputs)`` sees the batch and the model's outputs (a method
+that distils needs them). Besides the five required calls a method may define these optional hooks,
+declared in the same ``Method`` Protocol, which the loop calls through ``call_hooks`` on every method
+that has them:
 
 - ``metrics(model) -> dict``: diagnostics merged into each evaluation row of ``metrics.jsonl``;
 - ``before_eval(model, batches) -> bool``: runs before an evaluation (``batches`` yields training
   inputs); returns whether it changed the model, in which case the loop evaluates before and after;
-- ``finish(model, batches)``: runs once after training, before the final evaluation and ``convert``.
+- ``finish(model, batches)``: runs once after training, before the final evaluation and ``convert``;
+- ``unsupported(layer) -> str | None``: why the method cannot run on this layer kind (``attach_methods``
+  turns it into a ``ConfigError`` naming the layer; the contract table skips the pair and says why).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol
 
 import torch
@@ -19,15 +24,21 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 
-__all__ = ["Method", "METHODS", "build_methods", "call_hooks"]
+__all__ = ["Method", "METHODS", "build_methods", "call_hooks", "attach_methods"]
 
 
 class Method(Protocol):
     def attach(self, model: nn.Module) -> None: ...
-    def loss(self, model: nn.Module) -> torch.Tensor | None: ...
+    def loss(self, model: nn.Module, batch: Any, outputs: Any) -> torch.Tensor | None: ...
     def step(self, step: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    # optional hooks (called through call_hooks only on methods that define them)
+    # def metrics(self, model: nn.Module) -> dict[str, Any]: ...
+    # def before_eval(self, model: nn.Module, batches: Iterable[Any]) -> bool: ...
+    # def finish(self, model: nn.Module, batches: Iterable[Any]) -> None: ...
+    # def unsupported(self, layer: nn.Module) -> str | None: ...
 
 
 def _registry() -> dict[str, Any]:
@@ -53,16 +64,38 @@ def call_hooks(methods: list[Method], hook: str, *args: Any) -> list[Any]:
 
 
 def build_methods(specs: tuple[dict[str, Any], ...] | list[dict[str, Any]], total_steps: int) -> list[Method]:
-    """Instantiate recipe method entries ``{name: ..., **kwargs}``; ``total_steps`` feeds schedules."""
+    """Instantiate recipe method entries ``{name: ..., **settings}``; ``total_steps`` feeds schedules.
+
+    Each method's settings are its frozen ``Settings`` dataclass, built like every other recipe section:
+    an unknown key or a value of the wrong type is a ``ConfigError`` naming ``methods[i].key``.
+    """
+    from lowbit.config import build_section
+
     out = []
     for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"methods[{i}]={spec!r} is not allowed: expected a mapping {{name: ..., ...}}")
         kwargs = dict(spec)
         name = kwargs.pop("name", None)
         if name not in METHODS:
             allowed = ", ".join(sorted(METHODS)) or "none are available yet"
             raise ConfigError(f"methods[{i}].name={name!r} is not allowed: known methods are {allowed}")
-        try:
-            out.append(METHODS[name](total_steps=total_steps, **kwargs))
-        except TypeError as e:
-            raise ConfigError(f"methods[{i}] ({name}): {e}") from None
+        cls = METHODS[name]
+        settings = build_section(cls.Settings, kwargs, f"methods[{i}]")
+        out.append(cls(total_steps, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}))
     return out
+
+
+def attach_methods(methods: list[Method], model: nn.Module, names: list[str] | None = None) -> None:
+    """``attach`` every method, after checking each supports every quantized layer kind of ``model``."""
+    from lowbit.quant.modules import quantized_layers
+
+    layers = quantized_layers(model)
+    for i, m in enumerate(methods):
+        check = getattr(m, "unsupported", None)
+        for name, layer in layers if callable(check) else []:
+            why = check(layer)
+            if why:
+                label = names[i] if names else type(m).__name__
+                raise ConfigError(f"methods[{i}] ({label}) cannot run on layer {name!r}: {why}")
+        m.attach(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,22 +78,37 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Any], num_batches: int = 5
     return n
 
 
+@dataclass(frozen=True)
+class BNSettings:
+    """``bn_reestimation``: training batches averaged (``num_batches``); also before every evaluation
+    (``every_eval``)."""
+
+    num_batches: int = 50
+    every_eval: bool = False
+
+    def __post_init__(self) -> None:
+        nb = self.num_batches
+        if isinstance(nb, bool) or not isinstance(nb, int) or nb < 1:
+            raise ConfigError(f"num_batches={nb!r} is not allowed: use an integer >= 1")
+        if not isinstance(self.every_eval, bool):
+            raise ConfigError(f"every_eval={self.every_eval!r} is not allowed: use true or false")
+
+
 class BNReestimation:
     """Method object: re-estimate batch-norm statistics after QAT (and before every eval if asked)."""
 
-    def __init__(self, total_steps: int, num_batches: int = 50, every_eval: bool = False) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ConfigError(f"num_batches={num_batches!r} is not allowed: use an integer >= 1")
-        if not isinstance(every_eval, bool):
-            raise ConfigError(f"every_eval={every_eval!r} is not allowed: use true or false")
-        self.num_batches = num_batches
-        self.every_eval = every_eval
+    Settings = BNSettings
+
+    def __init__(self, total_steps: int, **settings: Any) -> None:
+        self.settings = s = BNSettings(**settings)
+        self.num_batches = s.num_batches
+        self.every_eval = s.every_eval
 
     def attach(self, model: nn.Module) -> None:
         if not _batch_norms(model):
             log.warning("bn_reestimation: the model has no batch-norm layers; nothing to re-estimate")
 
-    def loss(self, model: nn.Module) -> Tensor | None:
+    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> Tensor | None:
         return None
 
     def step(self, step: int) -> None:

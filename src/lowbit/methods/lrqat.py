@@ -7,8 +7,9 @@ range-initialised by an Lp-norm grid search, p = 4)::
     Ŵ  = s · clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)   A (out × r) = 0, B (r × in) Kaiming
 
 Only ``A``, ``B`` and ``s`` train. The adapter sits inside the rounding, so the trained layer merges
-exactly into one b-bit integer matrix ``W_int = clip(round(Φ0 + (α/r)AB))`` with scale ``s`` (``merge``),
-with no inference overhead. ``A = 0`` makes step 0 equal round-to-nearest of ``Φ0``.
+exactly into one b-bit integer matrix ``W_int = clip(round(Φ0 + (α/r)AB))`` with scale ``s``
+(``convert_lowrank``, this layer kind's entry in ``lowbit.convert``'s converter table), with no inference
+overhead. ``A = 0`` makes step 0 equal round-to-nearest of ``Φ0``.
 
 The down-cast ``φ`` (``phi``):
 
@@ -17,6 +18,18 @@ The down-cast ``φ`` (``phi``):
 - ``bf16``; ``fp32`` (no down-cast, for reference);
 - ``int``: ``Φ0`` rounded to integers and stored packed at b bits (``lowbit.export.pack``), the paper's
   lowest-memory variant; step 0 is then exactly round-to-nearest of ``W0/s0``.
+
+Each storage is a codec object (``PHI_CODECS``) chosen once at construction. ``phi_bits`` (a buffer)
+records the grid ``Φ0`` is expressed in; the bit width itself lives only in the weight quantizer.
+``set_bits(b')`` keeps the effective weights' range: the quantizer's step becomes
+``s' = s·(2^b − 1)/(2^b' − 1)``, and ``Φ0`` and ``A`` are divided by the same ratio, so
+``Φ0' + (α/r)A'B = (Φ0 + (α/r)AB)·s/s'`` (up to the storage's own rounding of ``Φ0'``).
+
+Layer kinds here (both enter through ``lowbit.prepare`` with a ``lowrank`` setting, ``LowRankSpec``):
+``LowRankQuantLinear`` (``variant: lrqat``; ``rank: 0`` is the scales-only baseline) and
+``QLoRALinear`` (``variant: qlora``: frozen round-to-nearest integers, float adapters outside the grid;
+it converts to an integer layer that keeps the float adapters beside it, since merging them would
+re-quantize and lose what they learned below the grid step).
 
 With ``checkpoint=True`` (default) building ``Ŵ`` and the matmul are one autograd function that
 saves only the layer input and recomputes ``Ŵ`` in the backward pass, so no full-size intermediate
@@ -29,35 +42,30 @@ what a small model's step time is made of. ``checkpoint=False`` is the plain aut
 
 from __future__ import annotations
 
-import fnmatch
 import math
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lowbit.config import QuantSpec
+from lowbit.config import LowRankSpec, QuantSpec
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import IntLinear, _IntWeight, dequantize_weight, int_dtype
+from lowbit.export.intmodules import IntLinear, IntWeight, LowRankAdapter, frozen_copy
 from lowbit.export.pack import pack, unpack
-from lowbit.llm_config import LLM_TARGETS
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import init_range
+from lowbit.quant.functional import dequantize_weight, int_dtype
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = [
     "LowRankQuantLinear",
+    "QLoRALinear",
     "to_fixed_point",
     "from_fixed_point",
-    "prepare_lrqat",
-    "merge",
-    "QLoRALinear",
-    "LLAMA_TARGETS",
-    "PHI_KINDS",
-    "METHOD_KINDS",
+    "convert_lowrank",
+    "convert_qlora",
+    "PHI_CODECS",
 ]
-
-LLAMA_TARGETS = LLM_TARGETS  # the seven linears of a LLaMA decoder block
-PHI_KINDS = ("fixed_point8", "bf16", "fp32", "int")
 
 
 def to_fixed_point(x: Tensor, bits: int) -> Tensor:
@@ -71,6 +79,68 @@ def from_fixed_point(y: Tensor, bits: int, dtype: torch.dtype = torch.float32) -
     return y.to(dtype) * 2.0 ** (bits - 8)
 
 
+# -- Φ0 storage: one codec object per kind, chosen once ------------------------------------------------
+
+
+class PhiCodec(Protocol):
+    def check(self, spec: QuantSpec) -> None: ...
+    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor: ...
+    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor: ...
+
+
+class FixedPoint8:
+    """int8 Q(b).(8−b): exact for grid values with up to 8−b fractional bits; symmetric signed grids."""
+
+    def check(self, spec: QuantSpec) -> None:
+        if not (spec.symmetric and spec.signed in (None, True)):
+            raise ConfigError("phi='fixed_point8' needs a symmetric signed grid: use phi='bf16' for asymmetric ones")
+
+    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
+        return to_fixed_point(t, bits)
+
+    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
+        return from_fixed_point(stored, bits)
+
+
+class FloatStorage:
+    """``Φ0`` clipped to the grid and stored as a float dtype (bf16, or fp32 for reference)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def check(self, spec: QuantSpec) -> None:
+        pass
+
+    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
+        qmin, qmax = F.int_range(bits, signed)
+        return t.clamp(qmin, qmax).to(self.dtype).contiguous()
+
+    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
+        return stored.float()
+
+
+class PackedInt:
+    """``Φ0`` rounded to integers and packed at b bits: the lowest-memory storage."""
+
+    def check(self, spec: QuantSpec) -> None:
+        pass
+
+    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
+        qmin, qmax = F.int_range(bits, signed)
+        return pack(torch.round(t).clamp(qmin, qmax).to(torch.int32), bits, signed)
+
+    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
+        return unpack(stored, bits, signed, shape[0] * shape[1]).reshape(shape).float()
+
+
+PHI_CODECS: dict[str, PhiCodec] = {
+    "fixed_point8": FixedPoint8(),
+    "bf16": FloatStorage(torch.bfloat16),
+    "fp32": FloatStorage(torch.float32),
+    "int": PackedInt(),
+}
+
+
 def _scale_grad(grad_w: Tensor, w_int: Tensor, scale: Tensor, granularity: str, group_size: int | None) -> Tensor:
     """``Σ ∂L/∂Ŵ ⊙ W_int`` summed into the scale's shape (the gradient of ``dequantize_weight`` to ``s``)."""
     prod = grad_w * w_int
@@ -80,6 +150,32 @@ def _scale_grad(grad_w: Tensor, w_int: Tensor, scale: Tensor, granularity: str, 
     if granularity == "channel":
         return prod.sum(1).reshape(scale.shape)
     return prod.sum().reshape(scale.shape)
+
+
+def _input_quantizer(act: QuantSpec | None, in_features: int, device: torch.device) -> Quantizer | None:
+    if act is None:
+        return None
+    return Quantizer(act, None, channels=in_features if act.granularity == "channel" else None).to(device)
+
+
+@torch.no_grad()
+def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
+    """A weight quantizer range-initialised on ``w0`` (out, in), and ``W0 / s0`` in its grid units."""
+    q = Quantizer(spec, tuple(w0.shape)).to(w0.device)
+    init_range(q, w0)
+    s0, _ = q.qparams(w0, q.int_grid()[1])
+    return q, (q.view(w0) / F.positive_scale(s0, F.SCALE_EPS)).reshape(w0.shape)
+
+
+def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+def _grid_ratio(q: Quantizer, bits: int) -> float:
+    """``(qmax − qmin) / (qmax' − qmin')``: how much the step grows when ``q`` goes to ``bits``."""
+    qmin, qmax = q.int_grid()
+    nmin, nmax = F.int_range(bits, bool(q.signed))
+    return (qmax - qmin) / (nmax - nmin)
 
 
 class _LowRankQuantLinearFn(torch.autograd.Function):
@@ -139,13 +235,14 @@ class LowRankQuantLinear(nn.Module):
         alpha: float = 1.0,
         phi: str = "fixed_point8",
         checkpoint: bool = True,
+        act: QuantSpec | None = None,
     ) -> None:
         super().__init__()
         out_f, in_f = linear.weight.shape
-        if phi not in PHI_KINDS:
-            raise ConfigError(f"phi={phi!r} is not allowed: use one of {', '.join(PHI_KINDS)}")
-        if phi == "fixed_point8" and not (spec.symmetric and spec.signed in (None, True)):
-            raise ConfigError("phi='fixed_point8' needs a symmetric signed grid: use phi='bf16' for asymmetric ones")
+        if phi not in PHI_CODECS:
+            raise ConfigError(f"phi={phi!r} is not allowed: use one of {', '.join(PHI_CODECS)}")
+        self.codec = PHI_CODECS[phi]
+        self.codec.check(spec)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= min(out_f, in_f):
             raise ConfigError(
                 f"rank={rank!r} is not allowed for a {out_f}×{in_f} layer: use 1..{min(out_f, in_f)} (0: scales only)"
@@ -153,50 +250,64 @@ class LowRankQuantLinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.rank, self.alpha, self.phi, self.use_checkpoint = rank, float(alpha), phi, checkpoint
         w0 = linear.weight.detach().float()
-        self.weight_quantizer = Quantizer(spec, (out_f, in_f)).to(w0.device)
-        with torch.no_grad():
-            init_range(self.weight_quantizer, w0)
-            self.weight_quantizer.initialized.fill_(True)
+        self.weight_quantizer, ratio = _grid_units(w0, spec)
+        self.input_quantizer = _input_quantizer(act, in_f, w0.device)
         q = self.weight_quantizer
-        qmin, qmax = q.int_grid()
-        s0, _ = q.qparams(w0, qmax)
-        with torch.no_grad():
-            ratio = q._view(w0) / F.positive_scale(s0, F.SCALE_EPS)  # W0 / s0 in the quantizer's view
-            ratio = ratio.reshape(out_f, in_f)
-        if phi == "fixed_point8":
-            self.register_buffer("phi0", to_fixed_point(ratio, spec.bits))
-        elif phi == "bf16":
-            self.register_buffer("phi0", ratio.clamp(qmin, qmax).to(torch.bfloat16))
-        elif phi == "fp32":
-            self.register_buffer("phi0", ratio.clamp(qmin, qmax).contiguous())
-        else:  # int: round-to-nearest integers, packed at b bits
-            ints = torch.round(ratio).clamp(qmin, qmax).to(torch.int32)
-            self.register_buffer("phi0", pack(ints, spec.bits, bool(q.signed)))
+        self.register_buffer("phi0", self.codec.encode(ratio, spec.bits, bool(q.signed)))
+        self.register_buffer("phi_bits", torch.tensor(spec.bits, dtype=torch.int64))  # the grid Φ0 is in
         self.lora_a = nn.Parameter(torch.zeros(out_f, rank, device=w0.device), requires_grad=rank > 0)
         self.lora_b = nn.Parameter(torch.empty(rank, in_f, device=w0.device), requires_grad=rank > 0)
         if rank > 0:
             nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = _frozen_bias(linear)
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Linear, weight: QuantSpec | None, act: QuantSpec | None, lowrank: LowRankSpec | None = None
+    ) -> LowRankQuantLinear:
+        """The layer kind ``prepare`` builds for ``lowrank: {variant: lrqat}``."""
+        if weight is None or lowrank is None:
+            raise ConfigError("a low-rank layer needs a weight spec and a lowrank setting")
+        new = cls(mod, weight, lowrank.rank, lowrank.alpha, lowrank.phi, lowrank.recompute, act)
+        return new.train(mod.training)
+
+    def _phi_bits(self) -> int:
+        """``phi_bits`` as a Python int, cached on the buffer's identity and version (no device sync)."""
+        key = (id(self.phi_bits), self.phi_bits._version)
+        cached = self.__dict__.get("_phi_bits_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, int(self.phi_bits))
+            self.__dict__["_phi_bits_cache"] = cached
+        return cached[1]
 
     def phi0_float(self) -> Tensor:
         """``Φ0`` upcast to float32, (out, in)."""
         q = self.weight_quantizer
-        bits = q.nbits
-        if self.phi == "fixed_point8":
-            return from_fixed_point(self.phi0, bits)
-        if self.phi == "int":
-            n = self.out_features * self.in_features
-            signed = q.int_grid()[0] < 0
-            return unpack(self.phi0, bits, signed, n).reshape(self.out_features, self.in_features).float()
-        return self.phi0.float()
+        bits = self._phi_bits()
+        if bits != q.nbits:
+            raise ConfigError(
+                f"this LR-QAT layer's Φ0 is expressed for {bits} bits but its weight quantizer is at {q.nbits}: "
+                "change bits with the layer's set_bits (it re-expresses Φ0), not the quantizer's"
+            )
+        return self.codec.decode(self.phi0, bits, bool(q.int_grid()[0] < 0), (self.out_features, self.in_features))
 
-    def int_weight(self) -> Tensor:
-        """``clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)`` (float dtype, STE gradients to A and B)."""
-        qmin, qmax = self.weight_quantizer.int_grid()
+    def weight_int(self, transform: bool = True) -> Tensor:
+        """``clip(round_STE(Φ0 + (α/r)·A·B), qmin, qmax)`` (float dtype, STE gradients to A and B), then the
+        quantizer's integer transform (frozen integers) unless ``transform=False``."""
+        q = self.weight_quantizer
+        qmin, qmax = q.int_grid()
         t = self.phi0_float()
         if self.rank > 0:
             t = t + (self.alpha / self.rank) * (self.lora_a @ self.lora_b)
-        return F.round_ste(t).clamp(qmin, qmax)
+        w = F.round_ste(t).clamp(qmin, qmax)
+        if transform and q.int_transform is not None:
+            w = q.int_transform(q.view(w), q).reshape(w.shape)
+        return w
+
+    def quantized_weight(self) -> Tensor:
+        q = self.weight_quantizer
+        s = F.positive_scale(q.scale, F.SCALE_EPS)
+        return dequantize_weight(self.weight_int(), s, None, q.granularity, q.axis, q.group_size)
 
     def _qlayout(self) -> tuple[str, int, int | None]:
         q = self.weight_quantizer
@@ -216,20 +327,33 @@ class LowRankQuantLinear(nn.Module):
         return r.clamp_(qmin, qmax), inside, scale.abs().clamp_min(F.SCALE_EPS)  # = F.positive_scale's value
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         q = self.weight_quantizer
-        if self.use_checkpoint and torch.is_grad_enabled():
+        t = q.int_transform
+        plain_ints = t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())
+        if self.use_checkpoint and plain_ints and torch.is_grad_enabled():
             return _LowRankQuantLinearFn.apply(x, self.lora_a, self.lora_b, q.scale, self.bias, self)
-        # the same dequantization the merged IntLinear uses, so merging is exact
-        w = dequantize_weight(
-            self.int_weight(), F.positive_scale(q.scale, F.SCALE_EPS), None, q.granularity, q.axis, q.group_size
-        )
-        return nn.functional.linear(x, w.to(x.dtype), self.bias)
+        # the same dequantization the converted IntLinear uses, so converting is exact
+        return nn.functional.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
-    def to_int(self) -> Tensor:
-        """The merged integers ``W_int`` (int8, or int16 for unsigned 8-bit), exactly those ``forward`` uses."""
-        qmin, qmax = self.weight_quantizer.int_grid()
-        return self.int_weight().round().to(int_dtype(qmin, qmax))
+    def set_bits(self, bits: int) -> None:
+        """Move to a ``bits``-wide grid keeping the effective weights' range (see the module docstring)."""
+        q = self.weight_quantizer
+        ratio = _grid_ratio(q, bits)  # validates nothing yet: set_bits below does
+        old = self.phi0_float()
+        q.set_bits(bits)  # keep_range: s' = s·ratio
+        self.phi0 = self.codec.encode(old / ratio, bits, bool(q.signed))
+        self.phi_bits.fill_(bits)
+        self.lora_a.div_(ratio)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # packed-int Φ0 changes size with the bit width: a state saved after set_bits brings its own shape
+        incoming = state_dict.get(prefix + "phi0")
+        if isinstance(incoming, Tensor) and incoming.shape != self.phi0.shape and incoming.dtype == self.phi0.dtype:
+            self.phi0 = torch.empty_like(incoming, device=self.phi0.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, phi={self.phi}"
@@ -239,108 +363,108 @@ class QLoRALinear(nn.Module):
     """The QLoRA-style baseline: frozen round-to-nearest integer weights, float adapters *outside* the grid.
 
     ``y = s0·W_int·x + (α/r)·A·(B·x)``; only ``A`` and ``B`` train. Unlike LR-QAT it does not merge into
-    integers without re-quantizing (and losing what the adapters learned below the grid step).
+    integers without re-quantizing (and losing what the adapters learned below the grid step), so it
+    converts to an integer layer with the float adapters kept beside it.
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, rank: int, alpha: float = 1.0) -> None:
+    def __init__(
+        self, linear: nn.Linear, spec: QuantSpec, rank: int, alpha: float = 1.0, act: QuantSpec | None = None
+    ) -> None:
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(linear.weight.shape):
             raise ConfigError(f"rank={rank!r} is not allowed for a {tuple(linear.weight.shape)} layer")
-        base = LowRankQuantLinear(linear, spec, 0, alpha, "fp32", checkpoint=False)  # round-to-nearest
-        self.in_features, self.out_features = base.in_features, base.out_features
+        out_f, in_f = linear.weight.shape
+        self.in_features, self.out_features = in_f, out_f
         self.rank, self.alpha = rank, float(alpha)
-        self.weight_quantizer = base.weight_quantizer
-        self.weight_quantizer.scale.requires_grad_(False)
-        self.register_buffer("weight_int", base.to_int())
-        dev = self.weight_int.device
-        self.lora_a = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
-        self.lora_b = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
-        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
-        self.bias = base.bias
+        w0 = linear.weight.detach().float()
+        self.weight_quantizer, ratio = _grid_units(w0, spec)
+        self.input_quantizer = _input_quantizer(act, in_f, w0.device)
         q = self.weight_quantizer
-        scale = F.positive_scale(q.scale.detach(), F.SCALE_EPS)
-        w = dequantize_weight(self.weight_int, scale, None, q.granularity, q.axis, q.group_size)
-        self.register_buffer("weight", w, persistent=False)
+        qmin, qmax = q.int_grid()
+        q.scale.requires_grad_(False)
+        self.register_buffer("base_int", torch.round(ratio.clamp(qmin, qmax)).to(int_dtype(qmin, qmax)))
+        # the frozen weight dequantized once (not saved: it follows from base_int and the frozen scale), so
+        # that no step rebuilds it or keeps a copy of it for the backward pass
+        self.register_buffer("weight", self._dequantized(), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_weight)  # after the quantizer's scale is loaded too
+        self.lora_a = nn.Parameter(torch.zeros(out_f, rank, device=w0.device))
+        self.lora_b = nn.Parameter(torch.empty(rank, in_f, device=w0.device))
+        nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
+        self.bias = _frozen_bias(linear)
+
+    @classmethod
+    def from_float(
+        cls, mod: nn.Linear, weight: QuantSpec | None, act: QuantSpec | None, lowrank: LowRankSpec | None = None
+    ) -> QLoRALinear:
+        """The layer kind ``prepare`` builds for ``lowrank: {variant: qlora}``."""
+        if weight is None or lowrank is None:
+            raise ConfigError("a low-rank layer needs a weight spec and a lowrank setting")
+        return cls(mod, weight, lowrank.rank, lowrank.alpha, act).train(mod.training)
+
+    @torch.no_grad()
+    def _dequantized(self) -> Tensor:
+        q = self.weight_quantizer
+        s = F.positive_scale(q.scale, F.SCALE_EPS)
+        return dequantize_weight(self.base_int, s, None, q.granularity, q.axis, q.group_size)
+
+    def weight_int(self, transform: bool = True) -> Tensor:
+        return self.base_int.float()
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = nn.functional.linear(x, self.weight.to(x.dtype), bias)
         lora = nn.functional.linear(nn.functional.linear(x, self.lora_b.to(x.dtype)), self.lora_a.to(x.dtype))
         return y + (self.alpha / self.rank) * lora
 
+    @torch.no_grad()
+    def set_bits(self, bits: int) -> None:
+        """Re-round the frozen integers onto a ``bits``-wide grid over the same range."""
+        q = self.weight_quantizer
+        ratio = _grid_ratio(q, bits)
+        old = self.base_int.float()
+        q.set_bits(bits)
+        qmin, qmax = q.int_grid()
+        self.base_int = torch.round(old / ratio).clamp(qmin, qmax).to(int_dtype(qmin, qmax))
+        self.weight = self._dequantized()
 
-METHOD_KINDS = ("lrqat", "scales_only", "qlora")
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g} (adapters outside)"
 
 
-def prepare_lrqat(
-    model: nn.Module,
-    bits: int = 4,
-    rank: int = 32,
-    alpha: float = 1.0,
-    granularity: str = "channel",
-    group_size: int | None = None,
-    targets: tuple[str, ...] | list[str] = LLAMA_TARGETS,
-    phi: str = "fixed_point8",
-    init: str = "lp",
-    checkpoint: bool = True,
-    method: str = "lrqat",
-) -> nn.Module:
-    """Swap the linears whose names match ``targets`` (globs) for LR-QAT layers; freeze everything else.
+def _refresh_weight(layer: QLoRALinear, incompatible: Any) -> None:
+    layer.weight = layer._dequantized()  # loaded integers or scale may differ from the cached weight
 
-    ``method``: ``lrqat`` (adapters ``lora_a``, ``lora_b`` and the scales train), ``scales_only``
-    (PEQA-style: rank 0, only the scales train), ``qlora`` (``QLoRALinear``: frozen round-to-nearest
-    weights and scales, float adapters outside the grid).
-    """
-    if method not in METHOD_KINDS:
-        raise ConfigError(f"method={method!r} is not allowed: use one of {', '.join(METHOD_KINDS)}")
-    from lowbit.api import _set_submodule
 
-    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init=init)
-    names = [n for n, m in model.named_modules() if n]
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, t) for t in targets)]
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not chosen:
-        raise ConfigError(
-            f"targets={list(targets)} match no module: linear layers are {linears[:12]}"
-            + (" ..." if len(linears) > 12 else "")
-        )
-    modules = dict(model.named_modules())
-    for n in chosen:
-        if not isinstance(modules[n], nn.Linear):
-            kind = type(modules[n]).__name__
-            raise ConfigError(f"target {n!r} is a {kind}, not nn.Linear: linears are {linears[:12]}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in chosen:
-        try:
-            if method == "qlora":
-                layer: nn.Module = QLoRALinear(modules[n], spec, rank, alpha)
-            else:
-                r = 0 if method == "scales_only" else rank
-                layer = LowRankQuantLinear(modules[n], spec, r, alpha, phi, checkpoint)
-        except ValueError as e:  # e.g. a group size that does not divide the layer
-            raise ConfigError(f"layer {n!r}: {e}") from None
-        _set_submodule(model, n, layer.to(modules[n].weight.device))
-    return model
+# -- converters: this file's entries in lowbit.convert's table ----------------------------------------
+
+
+def _int_weight(layer: LowRankQuantLinear | QLoRALinear) -> IntWeight:
+    q = layer.weight_quantizer
+    qmin, qmax = q.int_grid()
+    scale, _ = q.export_qparams()
+    ints = layer.weight_int().round().to(int_dtype(qmin, qmax))
+    iq = frozen_copy(layer.input_quantizer)
+    return IntWeight(ints, scale, None, q.nbits, bool(q.signed), q.granularity, q.axis, q.group_size, iq)
 
 
 @torch.no_grad()
-def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every ``LowRankQuantLinear`` by an ``IntLinear`` holding ``W_int`` and the scale ``s``.
+def convert_lowrank(layer: LowRankQuantLinear) -> IntLinear:
+    """The exact merge: ``IntLinear`` holding ``W_int = clip(round(Φ0 + (α/r)AB))`` and the scale ``s``."""
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    return IntLinear(layer.in_features, layer.out_features, _int_weight(layer), bias)
 
-    The merged model's outputs equal the LR-QAT model's (same integers, same scales, same float path).
-    """
-    import copy
 
-    from lowbit.api import _set_submodule
+@torch.no_grad()
+def convert_qlora(layer: QLoRALinear) -> IntLinear:
+    """``IntLinear`` of the frozen integers, with the float adapters kept beside it (outputs unchanged)."""
+    bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+    adapter = LowRankAdapter(layer.lora_a.detach().clone(), layer.lora_b.detach().clone(), layer.alpha)
+    return IntLinear(layer.in_features, layer.out_features, _int_weight(layer), bias, adapter)
 
-    out = model if inplace else copy.deepcopy(model)
-    for name, m in [(n, m) for n, m in out.named_modules() if isinstance(m, LowRankQuantLinear)]:
-        q = m.weight_quantizer
-        scale, _ = q.export_qparams()
-        qweight = _IntWeight(
-            m.to_int(), scale, None, int(q.bits), bool(q.signed), q.granularity, q.axis, q.group_size, None
-        )
-        bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
-        _set_submodule(out, name, IntLinear(m.in_features, m.out_features, qweight, bias))
-    return out.eval()
+
+LOWRANK_KINDS: dict[str, Any] = {"lrqat": LowRankQuantLinear, "qlora": QLoRALinear}

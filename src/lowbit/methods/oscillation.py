@@ -40,14 +40,15 @@ hundreds of thousands, of steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lowbit.api import quantized_layers
 from lowbit.errors import ConfigError
 from lowbit.quant import functional as F
+from lowbit.quant.modules import quantized_layers
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = [
@@ -74,6 +75,7 @@ def cosine_ramp(step: int, total: int, start: float, v0: float, v1: float, befor
 
 
 def _check(name: str, value: float, lo: float, hi: float, what: str) -> float:
+    """``value`` as a float if it is a number in [lo, hi], else a ``ConfigError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise ConfigError(f"{name}={value!r} is not allowed: {what}")
     return float(value)
@@ -142,9 +144,19 @@ class OscillationTracker(nn.Module):
         return n
 
 
-def _raw_int(q: Quantizer, w: Tensor) -> Tensor:
-    """The weight's integers before any ``int_transform``, in the quantizer's view shape."""
-    return q._view(q.quantize_ste(w.detach(), transform=False))
+@torch.no_grad()
+def _raw_int(layer: nn.Module) -> Tensor:
+    """The layer's weight integers before any ``int_transform``, in its quantizer's view shape."""
+    return layer.weight_quantizer.view(layer.weight_int(transform=False))
+
+
+def _float_weight_only(layer: nn.Module) -> str | None:
+    if isinstance(getattr(layer, "weight", None), nn.Parameter):
+        return None
+    return (
+        f"{type(layer).__name__} trains no float latent weight (its integers come from a frozen Φ0 and "
+        "adapters), so there is no latent weight to pull toward its bin centre"
+    )
 
 
 def dampening_loss(w: Tensor, q: Quantizer, aggregation: str = "kernel_mean") -> Tensor:
@@ -152,12 +164,12 @@ def dampening_loss(w: Tensor, q: Quantizer, aggregation: str = "kernel_mean") ->
     qmin, qmax = q.int_grid()
     with torch.no_grad():
         s, z = q.qparams(w, qmax)
-        zi = F._zero_point_int(z, qmin, qmax)
+        zi = F.zero_point_int(z, qmin, qmax)
         sp = F.positive_scale(s, F.SCALE_EPS)
-        target = F.dequantize(q._view(q.quantize_ste(w)), sp, zi)  # the bin centre (frozen ints included)
+        target = F.dequantize(q.view(q.quantize_ste(w)), sp, zi)  # the bin centre (frozen ints included)
         zero = zi if zi is not None else 0.0
         lo, hi = (qmin - zero) * sp, (qmax - zero) * sp
-    wv = q._view(w)
+    wv = q.view(w)
     err = (target - torch.clamp(wv, lo, hi)).pow(2)
     if aggregation == "sum":
         return err.sum()
@@ -166,22 +178,81 @@ def dampening_loss(w: Tensor, q: Quantizer, aggregation: str = "kernel_mean") ->
     return err.sum() * w.shape[0] / w.numel()  # kernel_mean: sum over output channels, mean over the rest
 
 
+@dataclass(frozen=True)
+class TrackingSettings:
+    """``oscillation_tracking``: EMA ``momentum`` of the flip frequency, the widest bit width tracked
+    (``max_bits``: the 8-bit first and last layers are left alone), the frequency reported as oscillating."""
+
+    momentum: float = 0.01
+    max_bits: int = 4
+    report_threshold: float = 0.005
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "momentum", _check("momentum", self.momentum, 1e-9, 1.0, "use a value in (0, 1]"))
+        mb = self.max_bits
+        if isinstance(mb, bool) or not isinstance(mb, int) or not 1 <= mb <= 8:
+            raise ConfigError(f"max_bits={mb!r} is not allowed: use an integer in 1..8")
+        rt = _check("report_threshold", self.report_threshold, 0.0, 1.0, "use a value in [0, 1]")
+        object.__setattr__(self, "report_threshold", rt)
+
+
+@dataclass(frozen=True)
+class DampeningSettings(TrackingSettings):
+    """``oscillation_dampening``: ``λ`` is ``lambda_start`` until the ``start`` fraction of training, then a
+    cosine to ``lambda_final``; per-layer ``aggregation`` of the regulariser."""
+
+    lambda_start: float = 0.0
+    lambda_final: float = 0.1
+    start: float = 0.25
+    aggregation: str = "kernel_mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = (
+            ("lambda_start", math.inf, "use a value >= 0"),
+            ("lambda_final", math.inf, "use a value >= 0"),
+            ("start", 1.0, "use a fraction of training in [0, 1]"),
+        )
+        for n, hi, what in checks:
+            object.__setattr__(self, n, _check(n, getattr(self, n), 0.0, hi, what))
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(
+                f"aggregation={self.aggregation!r} is not allowed: use one of {', '.join(AGGREGATIONS)}"
+            )
+
+
+@dataclass(frozen=True)
+class FreezingSettings(TrackingSettings):
+    """``oscillation_freezing``: the threshold is off until the ``start`` fraction of training, then a cosine
+    from ``threshold_start`` to ``threshold_final``; frozen integers are the EMA's (``use_ema``) or the last."""
+
+    threshold_start: float = 0.1
+    threshold_final: float = 0.01
+    start: float = 0.25
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = (
+            ("threshold_start", "use a frequency in [0, 1]"),
+            ("threshold_final", "use a frequency in [0, 1]"),
+            ("start", "use a fraction of training in [0, 1]"),
+        )
+        for n, what in checks:
+            object.__setattr__(self, n, _check(n, getattr(self, n), 0.0, 1.0, what))
+        if not isinstance(self.use_ema, bool):
+            raise ConfigError(f"use_ema={self.use_ema!r} is not allowed: use true or false")
+
+
 class OscillationTracking:
     """Tracks oscillations of every weight quantizer with ``bits <= max_bits``; reports them per eval."""
 
-    def __init__(
-        self,
-        total_steps: int,
-        momentum: float = 0.01,
-        max_bits: int = 4,
-        report_threshold: float = 0.005,
-    ) -> None:
+    Settings: type[TrackingSettings] = TrackingSettings
+
+    def __init__(self, total_steps: int, **settings: Any) -> None:
+        self.settings = s = self.Settings(**settings)
         self.total_steps = total_steps
-        self.momentum = _check("momentum", momentum, 1e-9, 1.0, "use a value in (0, 1]")
-        if isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= 8:
-            raise ConfigError(f"max_bits={max_bits!r} is not allowed: use an integer in 1..8")
-        self.max_bits = max_bits
-        self.report_threshold = _check("report_threshold", report_threshold, 0.0, 1.0, "use a value in [0, 1]")
+        self.momentum, self.max_bits, self.report_threshold = s.momentum, s.max_bits, s.report_threshold
         self.layers: list[tuple[str, nn.Module, Quantizer, OscillationTracker]] = []
 
     def attach(self, model: nn.Module) -> None:
@@ -192,8 +263,8 @@ class OscillationTracking:
                 continue
             tracker = q.int_transform
             if tracker is None:
-                tracker = OscillationTracker(_raw_int(q, mod.weight), self.momentum)
-                q.int_transform = tracker.to(mod.weight.device)
+                tracker = OscillationTracker(_raw_int(mod), self.momentum)
+                q.int_transform = tracker.to(q.bits.device)
             elif not isinstance(tracker, OscillationTracker):
                 raise ConfigError(f"layer {name!r} already has another integer method ({type(tracker).__name__})")
             elif tracker.momentum != self.momentum:
@@ -203,12 +274,18 @@ class OscillationTracking:
                 )
             self.layers.append((name, mod, q, tracker))
 
-    def loss(self, model: nn.Module) -> Tensor | None:
+    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> Tensor | None:
+        return None
+
+    def unsupported(self, layer: nn.Module) -> str | None:
+        """Why this method cannot run on ``layer``'s kind, or None (see ``lowbit.methods``)."""
+        if getattr(layer, "weight_quantizer", None) is not None and hasattr(layer, "base_int"):
+            return f"{type(layer).__name__} keeps frozen round-to-nearest integers: nothing can oscillate"
         return None
 
     def step(self, step: int) -> None:
-        for _, mod, q, tracker in self.layers:
-            tracker.update(_raw_int(q, mod.weight), step)
+        for _, mod, _, tracker in self.layers:
+            tracker.update(_raw_int(mod), step)
 
     def metrics(self, model: nn.Module) -> dict[str, Any]:
         total = osc = frozen = 0
@@ -238,6 +315,12 @@ class OscillationTracking:
             }
         }
 
+    def report(self, rows: list[dict[str, Any]]) -> Any:
+        """This method's section of the run report (``lowbit.methods.oscillation_report``)."""
+        from lowbit.methods.oscillation_report import oscillation_section
+
+        return oscillation_section(rows)
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # everything lives in the trackers' buffers, inside the model's state_dict
 
@@ -248,26 +331,20 @@ class OscillationTracking:
 class OscillationDampening(OscillationTracking):
     """Tracking plus the dampening regulariser on every quantized weight (see the module docstring)."""
 
-    def __init__(
-        self,
-        total_steps: int,
-        lambda_start: float = 0.0,
-        lambda_final: float = 0.1,
-        start: float = 0.25,
-        aggregation: str = "kernel_mean",
-        momentum: float = 0.01,
-        max_bits: int = 4,
-        report_threshold: float = 0.005,
-    ) -> None:
-        super().__init__(total_steps, momentum, max_bits, report_threshold)
-        self.lambda_start = _check("lambda_start", lambda_start, 0.0, math.inf, "use a value >= 0")
-        self.lambda_final = _check("lambda_final", lambda_final, 0.0, math.inf, "use a value >= 0")
-        self.start = _check("start", start, 0.0, 1.0, "use a fraction of training in [0, 1]")
-        if aggregation not in AGGREGATIONS:
-            raise ConfigError(f"aggregation={aggregation!r} is not allowed: use one of {', '.join(AGGREGATIONS)}")
-        self.aggregation = aggregation
+    Settings = DampeningSettings
+
+    def __init__(self, total_steps: int, **settings: Any) -> None:
+        super().__init__(total_steps, **settings)
+        s = self.settings
+        assert isinstance(s, DampeningSettings)
+        self.lambda_start, self.lambda_final, self.start, self.aggregation = (
+            s.lambda_start, s.lambda_final, s.start, s.aggregation
+        )
         self.t = 0
         self.weights: list[tuple[nn.Module, Quantizer]] = []
+
+    def unsupported(self, layer: nn.Module) -> str | None:
+        return super().unsupported(layer) or _float_weight_only(layer)
 
     def attach(self, model: nn.Module) -> None:
         super().attach(model)
@@ -282,7 +359,7 @@ class OscillationDampening(OscillationTracking):
         lam0, lam1 = self.lambda_start, self.lambda_final
         return cosine_ramp(self.t, self.total_steps, self.start, lam0, lam1, lam0)
 
-    def loss(self, model: nn.Module) -> Tensor | None:
+    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> Tensor | None:
         lam = self.weight()
         if lam == 0.0 or not self.weights:
             return None
@@ -303,24 +380,15 @@ class OscillationDampening(OscillationTracking):
 class OscillationFreezing(OscillationTracking):
     """Tracking plus iterative freezing of weights whose frequency passes ``f_th(t)``."""
 
-    def __init__(
-        self,
-        total_steps: int,
-        threshold_start: float = 0.1,
-        threshold_final: float = 0.01,
-        start: float = 0.25,
-        use_ema: bool = True,
-        momentum: float = 0.01,
-        max_bits: int = 4,
-        report_threshold: float = 0.005,
-    ) -> None:
-        super().__init__(total_steps, momentum, max_bits, report_threshold)
-        self.threshold_start = _check("threshold_start", threshold_start, 0.0, 1.0, "use a frequency in [0, 1]")
-        self.threshold_final = _check("threshold_final", threshold_final, 0.0, 1.0, "use a frequency in [0, 1]")
-        self.start = _check("start", start, 0.0, 1.0, "use a fraction of training in [0, 1]")
-        if not isinstance(use_ema, bool):
-            raise ConfigError(f"use_ema={use_ema!r} is not allowed: use true or false")
-        self.use_ema = use_ema
+    Settings = FreezingSettings
+
+    def __init__(self, total_steps: int, **settings: Any) -> None:
+        super().__init__(total_steps, **settings)
+        s = self.settings
+        assert isinstance(s, FreezingSettings)
+        self.threshold_start, self.threshold_final, self.start, self.use_ema = (
+            s.threshold_start, s.threshold_final, s.start, s.use_ema
+        )
 
     def threshold(self, step: int) -> float:
         """``f_th(step)``: 0 (freezing off) during the warm-up, then the cosine."""

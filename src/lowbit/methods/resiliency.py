@@ -28,38 +28,30 @@ becomes the symmetric ``[-L, L]``. Latent float weights then train through the s
 estimator (gradient 1 inside ``[-L, L]``, 0 where clipped) in the ordinary QAT loop, and ``convert`` /
 export write the same integers: ternary weights are 2-bit codes in {-1, 0, 1}; M = 7 uses 3 bits.
 By default ``M = 2^b - 1`` for each layer's bit width ``b``; ``levels`` sets M (odd, fitting in ``b``).
-
-Effective compression ratio (``effective_compression_ratio``): the memory of the float network that
-reaches the same error as a quantized one, found on the float networks' error-versus-size curve
-(interpolated linearly in error against log size, on the curve's running minimum: the best float error
-at or below each size), divided by the quantized network's memory. Sizes are in bits.
+The effective compression ratio that compares such networks with float ones is in ``lowbit.sweep.ecr``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lowbit.api import quantized_layers
 from lowbit.errors import ConfigError
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import range_rows
+from lowbit.quant.modules import quantized_layers
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = [
     "LevelClamp",
     "Resiliency",
     "alternate_step",
-    "effective_compression_ratio",
     "l2_error",
     "l2_optimal_step",
     "level_quantize",
-    "matching_float_size",
 ]
 
 EXACT_LIMIT = 1 << 22  # breakpoints (n·L per row, summed over rows) searched exactly; beyond: grid + alternation
@@ -171,21 +163,31 @@ class LevelClamp(nn.Module):
         return f"levels={2 * int(self.max_level) + 1}"
 
 
+@dataclass(frozen=True)
+class ResiliencySettings:
+    """``resiliency``: ``levels`` M for every quantized weight (odd, >= 3, at most ``2^b - 1`` for a layer of
+    ``b`` bits; ``None``: ``2^b - 1`` per layer, ternary at 2 bits, 7 levels at 3 bits); ``exact_limit``:
+    breakpoints searched exactly before falling back to grid search and alternation."""
+
+    levels: int | None = None
+    exact_limit: int = EXACT_LIMIT
+
+    def __post_init__(self) -> None:
+        lv, el = self.levels, self.exact_limit
+        if lv is not None and (isinstance(lv, bool) or not isinstance(lv, int) or lv < 3 or lv % 2 == 0):
+            raise ConfigError(f"levels={lv!r} is not allowed: use null (2^bits - 1) or an odd integer >= 3")
+        if isinstance(el, bool) or not isinstance(el, int) or el < 0:
+            raise ConfigError(f"exact_limit={el!r} is not allowed: use an integer >= 0")
+
+
 class Resiliency:
-    """Sung et al. 2015: L2-optimal fixed steps on M-level symmetric weight grids, then retraining.
+    """Sung et al. 2015: L2-optimal fixed steps on M-level symmetric weight grids, then retraining."""
 
-    ``levels``: M for every quantized weight (odd, >= 3, at most ``2^b - 1`` for a layer of ``b`` bits);
-    ``None`` uses ``2^b - 1`` per layer (ternary at 2 bits, 7 levels at 3 bits).
-    """
+    Settings = ResiliencySettings
 
-    def __init__(self, total_steps: int, levels: int | None = None, exact_limit: int = EXACT_LIMIT) -> None:
-        if levels is not None and (
-            isinstance(levels, bool) or not isinstance(levels, int) or levels < 3 or levels % 2 == 0
-        ):
-            raise ConfigError(f"levels={levels!r} is not allowed: use null (2^bits - 1) or an odd integer >= 3")
-        if isinstance(exact_limit, bool) or not isinstance(exact_limit, int) or exact_limit < 0:
-            raise ConfigError(f"exact_limit={exact_limit!r} is not allowed: use an integer >= 0")
-        self.levels, self.exact_limit = levels, exact_limit
+    def __init__(self, total_steps: int, **settings: Any) -> None:
+        self.settings = s = ResiliencySettings(**settings)
+        self.levels, self.exact_limit = s.levels, s.exact_limit
 
     def _max_level(self, name: str, bits: int) -> int:
         top = 2 ** (bits - 1) - 1  # the largest symmetric level on the signed b-bit grid
@@ -201,6 +203,12 @@ class Resiliency:
                 f"allowed odd levels up to {2 * top + 1}, or raise quant.weight.bits"
             )
         return (self.levels - 1) // 2
+
+    def unsupported(self, layer: nn.Module) -> str | None:
+        """Why this method cannot run on ``layer``'s kind, or None (see ``lowbit.methods``)."""
+        if isinstance(getattr(layer, "weight", None), nn.Parameter):
+            return None
+        return f"{type(layer).__name__} keeps no float weight to fit the L2-optimal step to"
 
     @torch.no_grad()
     def attach(self, model: nn.Module) -> None:
@@ -226,7 +234,7 @@ class Resiliency:
             q.scale.requires_grad_(False)  # a fixed step: the loop's optimizers skip it
             q.int_transform = LevelClamp(lv)
 
-    def loss(self, model: nn.Module) -> Tensor | None:
+    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> Tensor | None:
         return None
 
     def step(self, step: int) -> None:
@@ -243,70 +251,20 @@ class Resiliency:
                 zeros, total = zeros + int((w_int == 0).sum()), total + w_int.numel()
         return {"zero_fraction": zeros / total} if total else {}
 
+    def report(self, rows: list[dict[str, Any]]) -> Any:
+        """This method's section of the run report: the share of weights at level 0 over QAT."""
+        from lowbit.figures import Section, html_table, num
+
+        body = [[str(r.get("step")), f"{100 * v:.2f}%"] for r in rows
+                if r.get("stage") == "qat" and (v := num(r.get("zero_fraction"))) is not None]  # fmt: skip
+        if not body:
+            return Section("Resiliency", '<p class="note">No evaluation logged the share of zero weights yet.</p>')
+        levels = "2^b − 1 per layer" if self.levels is None else str(self.levels)
+        note = f"<p>M-level weights (M = {levels}) on L2-optimal fixed steps; share of weights at level 0:</p>"
+        return Section("Resiliency", note + html_table(["QAT step", "zero weights"], body, (0, 1)))
+
     def state_dict(self) -> dict[str, Any]:
         return {}  # steps, grids and levels are buffers of the model
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-# -- effective compression ratio -----------------------------------------------------------------------
-
-
-def matching_float_size(
-    float_sizes: Sequence[float],
-    float_errors: Sequence[float],
-    errors: Sequence[float] | np.ndarray | float,
-    log_size: bool = True,
-) -> np.ndarray:
-    """The float size at which the float curve reaches each error in ``errors`` (NaN outside the curve).
-
-    The curve is the running minimum of the error over sizes (the best float network at or below each
-    size), interpolated linearly in error against log size (``log_size=False``: against size). An error
-    above the smallest network's, or below the best network's, has no match: NaN.
-    """
-    s = np.asarray(float_sizes, dtype=np.float64)
-    e = np.asarray(float_errors, dtype=np.float64)
-    if s.ndim != 1 or s.shape != e.shape or s.size == 0:
-        raise ValueError(
-            f"float_sizes and float_errors: expected two 1-D sequences of one length, got {s.shape} and {e.shape}"
-        )
-    if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(np.isfinite(e))):
-        raise ValueError("float_sizes must be finite and > 0, float_errors finite")
-    order = np.argsort(s, kind="stable")
-    s, env = s[order], np.minimum.accumulate(e[order])
-    x = np.log(s) if log_size else s
-    q = np.atleast_1d(np.asarray(errors, dtype=np.float64))
-    out = np.full(q.shape, np.nan)
-    for i, err in enumerate(q):
-        if not np.isfinite(err) or err > env[0] or err < env[-1]:
-            continue
-        j = int(np.argmax(env <= err))  # the first size whose best error reaches err
-        if j == 0:
-            out[i] = s[0]
-            continue
-        t = (env[j - 1] - err) / (env[j - 1] - env[j])  # env[j-1] > err >= env[j]
-        xi = x[j - 1] + t * (x[j] - x[j - 1])
-        out[i] = math.exp(xi) if log_size else xi
-    return out
-
-
-def effective_compression_ratio(
-    float_sizes: Sequence[float],
-    float_errors: Sequence[float],
-    quant_sizes: Sequence[float] | float,
-    quant_errors: Sequence[float] | float,
-    log_size: bool = True,
-) -> np.ndarray:
-    """ECR = (size of the float network reaching the quantized network's error) / (quantized size).
-
-    Sizes in bits (float: #parameters × 32, or the measured payload; quantized: #weights × bits plus
-    whatever stays float). NaN where the quantized error lies outside the float curve.
-    """
-    qs = np.atleast_1d(np.asarray(quant_sizes, dtype=np.float64))
-    qe = np.atleast_1d(np.asarray(quant_errors, dtype=np.float64))
-    if qs.shape != qe.shape:
-        raise ValueError(f"quant_sizes {qs.shape} and quant_errors {qe.shape} differ in shape")
-    if not np.all(qs > 0):
-        raise ValueError("quant_sizes must be > 0")
-    return matching_float_size(float_sizes, float_errors, qe, log_size) / qs

@@ -42,6 +42,10 @@ __all__ = [
     "quantize",
     "dequantize",
     "lsq_grad_factor",
+    "zero_point_int",
+    "dequantize_weight",
+    "int_dtype",
+    "SCALE_EPS",
 ]
 
 
@@ -215,7 +219,7 @@ def _as_number(v: Tensor | float | int) -> float:
     return float(v.item()) if isinstance(v, Tensor) else float(v)
 
 
-def _zero_point_int(zero_point: Tensor | float | int | None, qmin: float, qmax: float) -> Tensor | None:
+def zero_point_int(zero_point: Tensor | float | int | None, qmin: float, qmax: float) -> Tensor | None:
     """Clamp to the grid and round (half to even), with a straight-through gradient."""
     if zero_point is None:
         return None
@@ -240,7 +244,7 @@ def fake_quantize(
     output channel of a conv weight, ...). ``s = max(|scale|, 1e-8)``: a scale is used by magnitude.
     """
     lo, hi = _as_number(qmin), _as_number(qmax)
-    z = _zero_point_int(zero_point, lo, hi)
+    z = zero_point_int(zero_point, lo, hi)
     return _FakeQuantize.apply(x, _as_tensor(scale, x), z, lo, hi)
 
 
@@ -256,7 +260,7 @@ def quantize_ste(
     Uses ``s = max(|scale|, 1e-8)`` like ``fake_quantize``, so ``dequantize`` of these equals it exactly.
     """
     lo, hi = _as_number(qmin), _as_number(qmax)
-    z = _zero_point_int(zero_point, lo, hi)
+    z = zero_point_int(zero_point, lo, hi)
     t = round_ste(x * torch.reciprocal(positive_scale(_as_tensor(scale, x), SCALE_EPS)))
     if z is not None:
         t = t + z
@@ -283,3 +287,35 @@ def dequantize(q: Tensor, scale: Tensor | float, zero_point: Tensor | float | in
         z = zero_point if isinstance(zero_point, Tensor) else torch.tensor(float(zero_point))
         qf = qf - torch.round(z.to(qf.dtype))
     return qf * scale_t
+
+
+def dequantize_weight(
+    q: Tensor, scale: Tensor, zero_point: Tensor | None, granularity: str, axis: int, group_size: int | None
+) -> Tensor:
+    """``s * (q - z)`` with ``scale`` in a quantizer's stored shape, broadcast as the quantizer broadcasts it.
+
+    The one dequantization of weights: integer modules, the LR-QAT layer and its merge all call it, so
+    what is trained equals what is exported bit for bit.
+    """
+    qf = q.to(torch.float32)
+    if granularity == "group":
+        assert group_size is not None
+        view = qf.reshape(q.shape[0], -1, group_size)  # (rows, groups, group_size)
+        s = scale.unsqueeze(-1)
+        z = zero_point.unsqueeze(-1) if zero_point is not None else None
+    else:
+        view = qf
+        if granularity == "channel":
+            shape = [1] * q.dim()
+            shape[axis if axis >= 0 else q.dim() + axis] = -1
+            s = scale.reshape(shape)
+            z = zero_point.reshape(shape) if zero_point is not None else None
+        else:
+            s, z = scale, zero_point
+    out = (view - z) * s if z is not None else view * s
+    return out.reshape(q.shape)
+
+
+def int_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest torch integer dtype that holds the grid ``[qmin, qmax]`` (int8, else int16)."""
+    return torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16

@@ -7,20 +7,44 @@ optional ``input_quantizer`` fake-quantizes the input activation::
     y = layer(q_in(x), q_w(W)) + b
 
 Groups and depthwise convolutions need nothing special: the weight is per output channel along dim 0.
+
+Every quantized layer kind (these two, and the low-rank LR-QAT layers of ``lowbit.methods.lrqat``)
+offers the same surface, ``QuantLayer``, which methods, ``convert`` and the loop rely on:
+``weight_quantizer`` / ``input_quantizer`` (either may be ``None``), ``weight_int(transform)`` (the
+integers of the weight as a float tensor with straight-through gradients, the weight's shape),
+``quantized_weight()`` (what the forward pass multiplies by) and ``set_bits(bits)``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from lowbit.quant.calibrate import init_range
 from lowbit.quant.quantizer import Quantizer
 
 if TYPE_CHECKING:
-    from lowbit.config import QuantSpec
+    from lowbit.config import LowRankSpec, QuantSpec
 
-__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES"]
+__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "QuantLayer", "quantized_layers"]
+
+
+@runtime_checkable
+class QuantLayer(Protocol):
+    """What every quantized layer kind offers (see the module docstring)."""
+
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+
+    def weight_int(self, transform: bool = True) -> Tensor: ...
+    def quantized_weight(self) -> Tensor: ...
+    def set_bits(self, bits: int) -> None: ...
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The quantized (fake-quant) layers of ``model``, of every kind, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
 def _attach_quantizers(
@@ -37,31 +61,56 @@ def _attach_quantizers(
         mod.input_quantizer = None
 
 
+def _ready(new: QuantLinear | QuantConv2d, like: nn.Module) -> QuantLinear | QuantConv2d:
+    """``new`` in ``like``'s training mode and on its device, weight range initialised there."""
+    new.train(like.training)  # after attaching, so the quantizers get the layer's mode too
+    new = new.to(new.weight.device)
+    if new.weight_quantizer is not None:
+        init_range(new.weight_quantizer, new.weight)
+    return new
+
+
+def _weight_int(mod: QuantLinear | QuantConv2d, transform: bool) -> Tensor:
+    if mod.weight_quantizer is None:
+        raise ValueError(f"{type(mod).__name__} keeps its weight float: it has no integers")
+    return mod.weight_quantizer.quantize_ste(mod.weight, transform)
+
+
+def _set_bits(mod: QuantLinear | QuantConv2d, bits: int) -> None:
+    if mod.weight_quantizer is None:
+        raise ValueError(f"{type(mod).__name__} keeps its weight float: it has no bit width to set")
+    mod.weight_quantizer.set_bits(bits)
+
+
 class QuantLinear(nn.Linear):
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
 
     @classmethod
-    def from_float(cls, mod: nn.Linear, weight: QuantSpec | None, act: QuantSpec | None) -> QuantLinear:
+    def from_float(
+        cls, mod: nn.Linear, weight: QuantSpec | None, act: QuantSpec | None, lowrank: LowRankSpec | None = None
+    ) -> QuantLinear:
+        """The quantized layer over ``mod``'s own parameters, weight range initialised from the weight."""
         new = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
         new.weight = mod.weight
         new.bias = mod.bias
         _attach_quantizers(new, weight, act, mod.in_features)
-        new.train(mod.training)  # after attaching, so the quantizers get the layer's mode too
-        return new.to(mod.weight.device)
+        return _ready(new, mod)  # type: ignore[return-value]
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+
+    def weight_int(self, transform: bool = True) -> Tensor:
+        return _weight_int(self, transform)
+
+    def set_bits(self, bits: int) -> None:
+        _set_bits(self, bits)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return nn.functional.linear(x, self.quantized_weight(), self.bias)
 
-    def to_float(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        out.weight, out.bias = self.weight, self.bias
-        return out
 
 
 class QuantConv2d(nn.Conv2d):
@@ -69,7 +118,10 @@ class QuantConv2d(nn.Conv2d):
     input_quantizer: Quantizer | None
 
     @classmethod
-    def from_float(cls, mod: nn.Conv2d, weight: QuantSpec | None, act: QuantSpec | None) -> QuantConv2d:
+    def from_float(
+        cls, mod: nn.Conv2d, weight: QuantSpec | None, act: QuantSpec | None, lowrank: LowRankSpec | None = None
+    ) -> QuantConv2d:
+        """The quantized layer over ``mod``'s own parameters, weight range initialised from the weight."""
         new = cls(
             mod.in_channels,
             mod.out_channels,
@@ -85,32 +137,22 @@ class QuantConv2d(nn.Conv2d):
         new.weight = mod.weight
         new.bias = mod.bias
         _attach_quantizers(new, weight, act, mod.in_channels)
-        new.train(mod.training)  # after attaching, so the quantizers get the layer's mode too
-        return new.to(mod.weight.device)
+        return _ready(new, mod)  # type: ignore[return-value]
 
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+
+    def weight_int(self, transform: bool = True) -> Tensor:
+        return _weight_int(self, transform)
+
+    def set_bits(self, bits: int) -> None:
+        _set_bits(self, bits)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
-    def to_float(self) -> nn.Conv2d:
-        out = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,  # type: ignore[arg-type]
-            stride=self.stride,  # type: ignore[arg-type]
-            padding=self.padding,  # type: ignore[arg-type]
-            dilation=self.dilation,  # type: ignore[arg-type]
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-        )
-        out.weight, out.bias = self.weight, self.bias
-        return out
 
 
 # float type -> quantized type; the one place that says which layers lowbit can quantize
@@ -119,7 +161,3 @@ QUANT_MODULES: dict[type[nn.Module], type[QuantLinear] | type[QuantConv2d]] = {
     nn.Conv2d: QuantConv2d,
 }
 
-
-def quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
-    """Every ``Quantizer`` in ``model`` with its qualified name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, Quantizer)]

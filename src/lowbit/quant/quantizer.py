@@ -101,7 +101,7 @@ class Quantizer(nn.Module):
             )
         return (rows, cols // gs)
 
-    def _view(self, x: Tensor) -> Tensor:
+    def view(self, x: Tensor) -> Tensor:
         """``x`` reshaped so that the scale broadcasts against it."""
         if self.granularity == "group":
             rows = x.shape[0]
@@ -109,7 +109,7 @@ class Quantizer(nn.Module):
         return x
 
     def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
-        """Reshape a scale-shaped tensor so it broadcasts against ``self._view(x)``."""
+        """Reshape a scale-shaped tensor so it broadcasts against ``self.view(x)``."""
         if self.granularity == "tensor":
             return p
         if self.granularity == "group":
@@ -142,14 +142,27 @@ class Quantizer(nn.Module):
         qmin, qmax = self.int_grid()
         return (qmax - qmin + 1).bit_length() - 1
 
-    def set_bits(self, bits: int) -> None:
-        F.int_range(bits, True)  # validates
-        if not 1 <= bits <= 8:
-            raise ValueError(f"bits={bits} is not allowed: use 1..8")
+    @torch.no_grad()
+    def set_bits(self, bits: int, keep_range: bool = True) -> None:
+        """Change the bit width in place (no new modules, no new parameters).
+
+        ``keep_range`` (default) rescales the step so the grid spans the same real interval:
+        ``s' = s·(qmax − qmin)/(qmax' − qmin')`` (METHODS.md §4.5), and an asymmetric zero point moves so
+        that the interval's ends stay where they were. ``keep_range=False`` keeps the step instead.
+        """
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits={bits!r} is not allowed: use an integer in 1..8")
+        qmin, qmax = self.int_grid()
+        nmin, nmax = F.int_range(bits, bool(self.signed))
+        if keep_range and (nmin, nmax) != (qmin, qmax):
+            ratio = (qmax - qmin) / (nmax - nmin)
+            if self.zero_point is not None:
+                self.zero_point.copy_(nmin + (self.zero_point - qmin) / ratio)
+            self.scale.mul_(ratio)
         self.bits.fill_(bits)
 
     def qparams(self, x: Tensor, qmax: int) -> tuple[Tensor, Tensor | None]:
-        """The raw scale (used by magnitude) and the zero point, broadcastable against ``self._view(x)``."""
+        """The raw scale (used by magnitude) and the zero point, broadcastable against ``self.view(x)``."""
         s = self.scale
         if self.spec.grad_scale and self.training and isinstance(self.scale, nn.Parameter):
             n = x.numel() // max(self.scale.numel(), 1)
@@ -164,12 +177,12 @@ class Quantizer(nn.Module):
             return x
         qmin, qmax = self.int_grid()
         s, z = self.qparams(x, qmax)
-        xv = self._view(x)
+        xv = self.view(x)
         t = self.int_transform
         if t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough()):
             return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
         x_int = self.int_transform(F.quantize_ste(xv, s, z, qmin, qmax), self)
-        zi = F._zero_point_int(z, qmin, qmax)
+        zi = F.zero_point_int(z, qmin, qmax)
         sp = F.positive_scale(s, F.SCALE_EPS)
         y = (x_int - zi) * sp if zi is not None else x_int * sp
         return y.reshape(x.shape)
@@ -179,7 +192,7 @@ class Quantizer(nn.Module):
         ``transform=False`` (the raw rounded integers, which methods that track them need)."""
         qmin, qmax = self.int_grid()
         s, z = self.qparams(x, qmax)
-        x_int = F.quantize_ste(self._view(x), s, z, qmin, qmax)
+        x_int = F.quantize_ste(self.view(x), s, z, qmin, qmax)
         if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
         return x_int.reshape(x.shape)

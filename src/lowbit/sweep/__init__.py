@@ -141,12 +141,12 @@ def _check_recipe(recipe: Recipe) -> None:
     from lowbit.methods import build_methods
     from lowbit.models import build_model
 
-    if recipe.llm is not None:  # an LLM recipe: its section is validated on construction
+    build_methods(recipe.methods, total_steps=1)
+    if recipe.task != "classification":  # a language model is only loaded by its run
         return
     if recipe.data.name not in DATASETS:
         raise ConfigError(f"data.name={recipe.data.name!r} is not allowed: known datasets are {', '.join(DATASETS)}")
     build_model(recipe.model.name, **recipe.model.args)
-    build_methods(recipe.methods, total_steps=1)
 
 
 def plan_cells(
@@ -190,7 +190,7 @@ def run_sweep(
     A cell that fails (non-finite loss) is logged and the others still run; the results hold the
     finished cells, and a ``TrainingError`` listing the failed ones is raised at the end.
     """
-    from lowbit.train import run
+    from lowbit.run import run
 
     out_dir = Path(runs_root) / "sweeps" / (name or Path(recipe_path).stem)
     cells, grid = plan_cells(recipe_path, items, out_dir, name)
@@ -247,7 +247,7 @@ def collect_rows(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 "cell": cell.name,
                 **{k: s.get(k) for k in ("dataset", "model", "num_parameters", "weight_bits", "act_bits")},
                 **{k: s.get(k) for k in ("metric_name", "float_metric", "quant_metric")},
-                "direct_metric": s.get("direct_metric", s.get("step0_metric")),  # LLM runs: step 0 of QAT
+                "direct_metric": s.get("direct_metric"),
                 "float_size_bits": 8 * int(s["float_bytes"]) if s.get("float_bytes") is not None else None,
                 "quant_size_bits": 8 * int(payload) if payload is not None else None,
                 "ecr": None,

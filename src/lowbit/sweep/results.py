@@ -108,7 +108,7 @@ def _fill_ecr(group: list[Row], float_error: str, targets: dict[str, str]) -> No
     """
     import numpy as np
 
-    from lowbit.methods.resiliency import effective_compression_ratio
+    from lowbit.sweep.ecr import effective_compression_ratio
 
     for r in group:
         r.update(dict.fromkeys(targets.values()))
@@ -336,7 +336,8 @@ def plot_sweep(rows: list[Row], keys: list[str], out_dir: Path, x_key: str | Non
     x_key = x_key or (model_keys[0] if model_keys else None)
     others = [k for k in model_keys if k != x_key]
     agg = [r for r in aggregate(rows, keys) if r["num_parameters"] and r["weight_bits"]]
-    if not agg:  # e.g. LLM runs, whose summaries hold no parameter count: the tables say it all
+    agg = [r for r in agg if r["metric_name"] == "accuracy"]
+    if not agg:  # e.g. LLM runs (perplexity, no error curve to read an ECR from): the tables say it all
         return []
     panels = _group(agg, _panel_keys(keys))
     paths: list[Path] = []

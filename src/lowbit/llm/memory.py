@@ -2,7 +2,7 @@
 
 Methods: ``eval`` (inference only), ``fp32`` (full fine-tuning of the float model, held in ``dtype``),
 ``full_qat`` (LSQ on the 7 linears of every block, every parameter trains), ``lrqat``, ``scales_only``
-and ``qlora`` (``lowbit.methods.lrqat.prepare_lrqat``). Sizes: ``h`` hidden, ``i`` intermediate, ``L``
+and ``qlora`` (the low-rank layer kinds of ``lowbit.methods.lrqat``). Sizes: ``h`` hidden, ``i`` intermediate, ``L``
 layers, ``a`` heads of size ``d``, ``kv`` key/value heads, ``V`` vocabulary, ``N = batch·seq`` tokens,
 ``e`` bytes per element of ``dtype``, ``r`` rank; ``W`` the weights of the 7 linears of one block.
 
@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
+from lowbit.config import PHI_STORAGES as PHI_KINDS
 from lowbit.errors import ConfigError
-from lowbit.methods.lrqat import PHI_KINDS
 
 __all__ = ["CONFIGS", "METHODS", "estimate_training_memory", "load_config"]
 
@@ -156,7 +156,7 @@ def estimate_training_memory(
     recomputed block), ``intermediate`` (full_qat's saved fake-quantized weights), ``logits`` and
     ``total``, the step's peak (not the sum: gradients and activations are not all alive at once).
 
-    ``loss_chunk``: tokens per chunk of ``lowbit.llm.causal_lm_loss`` (head and loss recomputed per
+    ``loss_chunk``: tokens per chunk of ``lowbit.tasks.text.causal_lm_loss`` (head and loss recomputed per
     chunk, so only one chunk's logits live at a time); None is the full logits of a plain loss.
     ``train_embeddings=False``: fp32 / full_qat train the 7 linears (and scales) only, embeddings,
     head and norms frozen, as ``lowbit train`` and ``benchmarks/lrqat.py`` do.

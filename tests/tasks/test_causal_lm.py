@@ -1,4 +1,5 @@
-"""lowbit.llm: the chunked causal-LM loss and the short training loop, on tiny random LLaMA configs."""
+"""lowbit.tasks.text: the chunked causal-LM loss, and LR-QAT training under block checkpointing, on tiny random
+LLaMA configs."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.llm import causal_lm_loss, train_steps
-from lowbit.llm_train import enable_block_checkpointing
-from lowbit.methods.lrqat import prepare_lrqat
+import lowbit
+from lowbit.config import LowRankSpec, QuantConfig, QuantSpec, Rule
+from lowbit.llm.models import byte_tokenizer, enable_block_checkpointing
+from lowbit.tasks.text import causal_lm_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,12 +47,34 @@ def test_lrqat_training_with_block_checkpointing_lowers_the_loss_and_moves_only_
 ) -> None:
     """Decoder-block gradient checkpointing on top of the per-layer one: it trains, and only A, B, s change."""
     model = tiny_llama(vocab_size=97, tie_word_embeddings=True)
-    prepare_lrqat(model, bits=3, rank=4, granularity="group", group_size=16)
-    enable_block_checkpointing(model)
+    spec = QuantSpec(bits=3, granularity="group", group_size=16, init="lp")
+    config = QuantConfig(
+        weight=spec, act=None, lowrank=LowRankSpec(rank=4), rules=(Rule("lm_head", skip=True),), freeze_unquantized=True
+    )
+    lowbit.prepare(model, config)
+    assert enable_block_checkpointing(model)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith(("lora_a", "lora_b", "scale"))}
-    blocks = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
-    losses = train_steps(model, blocks, steps=30, lr=1e-2, scale_lr=1e-3, batch_size=2, warmup=0.0, progress=False)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 14 * 3
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = causal_lm_loss(model, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1, losses
     for n, t in model.state_dict().items():
         if n in frozen:
             assert torch.equal(t, frozen[n]), f"{n} changed"
+
+
+def test_byte_tokenizer_round_trips_any_text() -> None:
+    tok = byte_tokenizer()
+    text = "Thou art — naïve 😀\nline two\t end"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == text

@@ -1,0 +1,1 @@
+"""What needs the ``llm`` extra (transformers, gguf): offline model loaders, tokenizers, the memory model."""

@@ -1,0 +1,254 @@
+"""The run directory: one recipe end to end, the same layout for every task and method.
+
+``run(recipe, run_dir)`` does, for image classification and causal language models alike:
+
+1. check and write ``config.yaml`` (the fully resolved recipe); a resumed run must match it, and the
+   error names the first key that differs;
+2. the float model (pre-trained by the loop and cached, or loaded pretrained) and its evaluation;
+3. ``lowbit.prepare`` with the recipe's ``quant`` section (layer kinds, LR-QAT included, from its rules),
+   the methods attached, the direct (round-to-nearest, before any QAT step) evaluation;
+4. QAT through ``lowbit.train.train_stage`` (0 steps: round-to-nearest is the result), then the
+   methods' ``finish`` hooks;
+5. ``lowbit.convert``, the integer model's evaluation (equal to the fake-quant model's), and
+   ``model.safetensors`` + ``model.json`` (``lowbit.load``), plus what the task keeps beside it (an LLM's
+   tokenizer);
+6. ``summary.json`` and the report (``plots/``, ``report.html``).
+
+``metrics.jsonl`` rows: ``pretrain`` (classification), ``float``, ``direct``, ``qat`` (each evaluation)
+and ``final`` (the integer model), each with ``test_<metric>`` and ``test_loss`` (and, for language
+models, ``other_perplexity``), plus ``train_loss`` and ``lr`` while training and each method's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lowbit.api import convert, prepare
+from lowbit.checkpoint import atomic_write_text
+from lowbit.config import Recipe, recipe_to_dict
+from lowbit.errors import FormatError
+from lowbit.export.io import save
+from lowbit.methods import attach_methods, build_methods, call_hooks
+from lowbit.quant.modules import quantized_layers
+from lowbit.quant.quantizer import Quantizer
+from lowbit.tasks import build_task
+from lowbit.train import Stage, append_metrics, split_parameters, stage_steps, train_stage, truncate_metrics
+
+__all__ = ["run", "float_bytes", "payload_bytes", "weight_bits", "config_difference"]
+
+log = logging.getLogger(__name__)
+
+
+def float_bytes(model: nn.Module) -> int:
+    """Bytes of the float model's floating-point state, each storage once (a tied head is counted once)."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _weight_numel(layer: nn.Module) -> int:
+    w = getattr(layer, "weight", None)
+    return w.numel() if isinstance(w, torch.Tensor) else layer.out_features * layer.in_features
+
+
+def payload_bytes(model: nn.Module) -> int:
+    """Bytes of a prepared model's exported state without the file's header: each quantized weight packed
+    at its bit width with its float32 scales and zero points, input quantizers' float32 scales, float
+    adapters kept beside integers (QLoRA-style), every other parameter and floating buffer at 32 bits."""
+    total = 0
+    counted: set[int] = set()
+    for _, layer in quantized_layers(model):
+        wq, iq, n = layer.weight_quantizer, layer.input_quantizer, _weight_numel(layer)
+        if wq is None:
+            total += 4 * n
+        else:
+            total += math.ceil(wq.nbits * n / 8) + 4 * wq.scale.numel()
+            total += 4 * wq.zero_point.numel() if wq.zero_point is not None else 0
+        if iq is not None:
+            total += 4 * iq.scale.numel() * (2 if iq.zero_point is not None else 1)
+        if hasattr(layer, "base_int"):  # QLoRA-style: its float adapters are exported beside the integers
+            total += 4 * (layer.lora_a.numel() + layer.lora_b.numel())
+        bias = getattr(layer, "bias", None)
+        counted.update(id(t) for t in [*layer.parameters(), *layer.buffers()] if t is not bias)
+    for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+        if id(t) not in counted:
+            counted.add(id(t))
+            total += 4 * t.numel()
+    return total
+
+
+def weight_bits(model: nn.Module) -> float | None:
+    """The mean bit width of the quantized weights, weighted by their element counts (None: none)."""
+    total = bits = 0
+    for _, layer in quantized_layers(model):
+        q = layer.weight_quantizer
+        if q is not None:
+            n = _weight_numel(layer)
+            total, bits = total + n, bits + n * q.nbits
+    return None if total == 0 else bits / total
+
+
+def config_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first dotted key where two plain-data configs differ, with both values; None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in old or k not in new:
+                return f"{where}: {old.get(k, '(absent)')!r} in the run, {new.get(k, '(absent)')!r} now"
+            diff = config_difference(old[k], new[k], where)
+            if diff:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            diff = config_difference(a, b, f"{path}[{i}]")
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{path}: {old!r} in the run, {new!r} now"
+
+
+def _start(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = recipe_to_dict(recipe)
+    config_path = run_dir / "config.yaml"
+    if resume and config_path.exists():
+        try:
+            old = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as e:
+            raise FormatError(f"{config_path} is not valid YAML ({e}): start a new run") from None
+        diff = config_difference(old, json.loads(json.dumps(resolved)))
+        if diff:
+            raise FormatError(
+                f"{config_path} differs from this recipe at {diff}: resume with the same recipe and overrides, "
+                "or start a new run"
+            )
+    if not resume:
+        for stale in ("metrics.jsonl", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        for ck in (run_dir / "checkpoints").glob("*.safetensors"):
+            ck.unlink()
+    atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _reuse_row(metrics: Path, stage: str, resume: bool) -> dict[str, Any] | None:
+    """The ``stage`` row of an interrupted run (so a resume does not evaluate the float model again)."""
+    if not resume or not metrics.exists():
+        return None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("stage") == stage:
+            return row
+    return None
+
+
+def _row(metrics: Path, stage: str, row: dict[str, Any]) -> dict[str, Any]:
+    truncate_metrics(metrics, stage, -1)
+    append_metrics(metrics, row)
+    return row
+
+
+def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run a recipe end to end into ``run_dir``; returns the summary (also written to summary.json)."""
+    build_methods(recipe.methods, total_steps=1)  # a bad method setting fails before anything is written
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    run_dir = Path(run_dir)
+    _start(recipe, run_dir, resume)
+    metrics = run_dir / "metrics.jsonl"
+    t0 = time.perf_counter()
+    task = build_task(recipe)
+    metric = task.metric_name
+    model = task.float_model(run_dir, resume, progress)
+    float_row = _reuse_row(metrics, "float", resume) or _row(
+        metrics, "float", {"stage": "float", "step": 0, **task.evaluate(model)}
+    )
+    fbytes = float_bytes(model)
+
+    prepare(model, recipe.quant, calib=task.calib(recipe.calib_batches))
+    total = stage_steps(recipe.qat, task.steps_per_epoch)
+    names = [spec["name"] for spec in recipe.methods]
+    methods = build_methods(recipe.methods, total_steps=total)
+    attach_methods(methods, model, names)
+    task.after_prepare(model, training=total > 0)
+    # direct quantization (round-to-nearest, before any QAT step): the baseline that QAT improves on
+    direct = _reuse_row(metrics, "direct", resume) or _row(
+        metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
+    )
+
+    stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names))
+    last = train_stage(model, task, stage, methods, resume=resume)
+    call_hooks(methods, "finish", model, task.method_inputs(last["step"]))
+    int_model = convert(model)
+    final = task.evaluate(int_model)
+    key = f"test_{metric}"
+    _row(metrics, "final", {"stage": "final", "step": last["step"], **final, f"before_finish_{metric}": last[key]})
+    exported = save(int_model.cpu(), run_dir / "model.safetensors")
+    extras = task.save_extras(run_dir)
+    wspec, aspec = recipe.quant.weight, recipe.quant.act
+    weights, qparams = split_parameters(model)
+    trainable = sum(p.numel() for p in weights + qparams)
+    scales = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "task": recipe.task,
+        "dataset": task.dataset,
+        "model": recipe.model.name,
+        "metric_name": metric,
+        "float_metric": float_row[key],
+        "direct_metric": direct[key],
+        "qat_metric": last[key],
+        "quant_metric": final[key],
+        "methods": names,
+        "weight_bits": wspec.bits if wspec else 32,
+        "mean_weight_bits": weight_bits(model),
+        "act_bits": aspec.bits if aspec else 32,
+        "first_last_bits": recipe.quant.first_last_bits,
+        "lowrank": recipe_to_dict(recipe.quant.lowrank) if recipe.quant.lowrank else None,
+        "float_bytes": fbytes,
+        "quant_bytes": exported.stat().st_size,  # the exported file on disk (lowbit.load reads it)
+        "quant_payload_bytes": payload_bytes(model),  # the same without the file's header and metadata
+        "num_parameters": sum(p.numel() for p in model.parameters() if id(p) not in scales),
+        "steps": last["step"],
+        "trainable_parameters": trainable,
+        "train_seconds": time.perf_counter() - t0,
+        "qat_seconds": last["seconds"],
+        "seconds_per_step": last["seconds_per_step"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "other_perplexity" in final:
+        summary.update(float_other_perplexity=float_row.get("other_perplexity"),
+                       direct_other_perplexity=direct.get("other_perplexity"),
+                       quant_other_perplexity=final["other_perplexity"])  # fmt: skip
+    summary.update(extras)
+    if "tokens_per_step" in extras:
+        summary["tokens"] = last["step"] * extras["tokens_per_step"]
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
+    write_report_safely(run_dir)
+    return summary
+
+
+def write_report_safely(run_dir: Path) -> None:
+    """The run's plots and report.html; a report that fails to draw never costs the trained run."""
+    from lowbit.report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the run itself is done and saved; say what failed
+        log.warning("could not write the report of %s: %s (retry with `lowbit report %s`)", run_dir, e, run_dir)

@@ -21,6 +21,7 @@ models, ``other_perplexity``), plus ``train_loss`` and ``lr`` while training and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -219,7 +220,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         "mean_weight_bits": weight_bits(model),
         "act_bits": aspec.bits if aspec else 32,
         "first_last_bits": recipe.quant.first_last_bits,
-        "lowrank": recipe_to_dict(recipe.quant.lowrank) if recipe.quant.lowrank else None,
+        "lowrank": dataclasses.asdict(recipe.quant.lowrank) if recipe.quant.lowrank else None,
         "float_bytes": fbytes,
         "quant_bytes": exported.stat().st_size,  # the exported file on disk (lowbit.load reads it)
         "quant_payload_bytes": payload_bytes(model),  # the same without the file's header and metadata

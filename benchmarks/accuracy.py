@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RUNS_DIR, machine_line, markdown_table  # noqa: E402
 
-from lowbit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
+from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from lowbit.run import run  # noqa: E402
+from lowbit.validate import apply_overrides  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "accuracy.md"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"

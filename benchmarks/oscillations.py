@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_DIR, interleaved_median_times, machine_line, markdown_table  # noqa: E402
 
 from lowbit.api import prepare  # noqa: E402
-from lowbit.config import apply_overrides, load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
+from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from lowbit.methods import build_methods  # noqa: E402
 from lowbit.models import build_model  # noqa: E402
 from lowbit.run import run  # noqa: E402
 from lowbit.train import split_parameters  # noqa: E402
+from lowbit.validate import apply_overrides  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "oscillations.md"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"

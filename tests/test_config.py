@@ -15,11 +15,11 @@ from lowbit.config import (
     ModelConfig,
     Recipe,
     StageConfig,
-    apply_overrides,
     load_recipe,
     recipe_from_dict,
     recipe_to_dict,
 )
+from lowbit.validate import apply_overrides
 
 # -- QuantSpec validation -----------------------------------------------------------------------------
 

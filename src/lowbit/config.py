@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -23,9 +21,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from lowbit.errors import ConfigError
+from lowbit.validate import INHERIT, apply_overrides, build_dataclass, require_int, to_plain
 from lowbit.validate import check as _check
 from lowbit.validate import is_int as _is_int
-from lowbit.validate import require_int
 
 __all__ = [
     "QuantSpec",
@@ -42,13 +40,10 @@ __all__ = [
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
-    "apply_overrides",
     "stage_hash",
-    "build_section",
     "require_int",
 ]
 
-INHERIT = "inherit"
 GRANULARITIES = ("tensor", "channel", "group")
 INITS = ("minmax", "mse", "lp")
 
@@ -403,115 +398,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# -- dict <-> dataclass ------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, path: str, inherit_from: Any = None) -> Any:
-    """Convert a YAML value to the annotated type ``tp``; ``path`` names it in errors."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if value == INHERIT and any(typing.get_origin(a) is Literal for a in args):
-            return INHERIT
-        for a in args:
-            if dataclasses.is_dataclass(a) and isinstance(value, dict):
-                return _convert(value, a, path, inherit_from)
-        for a in args:
-            if a is type(None) or typing.get_origin(a) is Literal:
-                continue
-            try:
-                return _convert(value, a, path, inherit_from)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}={value!r} is not allowed: expected {' or '.join(_type_name(a) for a in args)}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r} is not allowed: expected a mapping of {tp.__name__} fields")
-        return _build(tp, value, path, inherit_from)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}={value!r} is not allowed: expected a list")
-        (inner, _) = typing.get_args(tp)
-        return tuple(_convert(v, inner, f"{path}[{i}]", inherit_from) for i, v in enumerate(value))
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r} is not allowed: expected a mapping")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}={value!r} is not allowed: expected a number")
-    if tp is int:
-        if _is_int(value):
-            return value
-        raise ConfigError(f"{path}={value!r} is not allowed: expected an integer")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}={value!r} is not allowed: expected true or false")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}={value!r} is not allowed: expected a string")
-    return value
-
-
-def _field_default(cls: Any, name: str) -> Any:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
-
-
-def _build(cls: Any, data: dict[str, Any], path: str, inherit_from: Any = None) -> Any:
-    """``cls`` from ``data``; fields ``data`` leaves out come from ``inherit_from`` (an instance of ``cls``),
-    else from the defaults. A nested section is merged over its own default the same way, so that
-    ``qat: {epochs: 2}`` keeps the other fields of ``Recipe.qat``'s default."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"{path}.{key}" if path else key
-            raise ConfigError(f"unknown key {where!r}: allowed keys here are {', '.join(names)}")
-    kwargs: dict[str, Any] = {}
-    if isinstance(inherit_from, cls):
-        kwargs = {f.name: getattr(inherit_from, f.name) for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else key
-        default = kwargs[key] if key in kwargs else _field_default(cls, key)
-        nested = default if dataclasses.is_dataclass(default) and isinstance(value, dict) else None
-        kwargs[key] = _convert(value, hints[key], where, nested)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
-
-
-def build_section(cls: Any, data: dict[str, Any], path: str) -> Any:
-    """A frozen settings dataclass ``cls`` from a mapping, validated like every recipe section (errors
-    name ``path.key``); used for the methods' settings."""
-    return _build(cls, data, path)
-
-
 def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> QuantConfig:
     """QuantConfig over ``default``, where each rule's partial spec is merged over the config's own spec."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
     data = dict(data)
     if "rules" not in data:
-        return _build(QuantConfig, data, path, inherit_from=default)
+        return build_dataclass(QuantConfig, data, path, inherit_from=default)
     rules_raw = data.pop("rules")
-    base = _build(QuantConfig, data, path, inherit_from=default)
+    base = build_dataclass(QuantConfig, data, path, inherit_from=default)
     if not isinstance(rules_raw, list):
         raise ConfigError(f"{path}.rules={rules_raw!r} is not allowed: expected a list of rules")
     rules = []
@@ -532,9 +427,9 @@ def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> Quant
             raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
         for k, default in (("weight", base.weight), ("act", base.act)):
             if isinstance(r.get(k), dict):
-                r[k] = _build(QuantSpec, r[k], f"{rp}.{k}", inherit_from=default)
+                r[k] = build_dataclass(QuantSpec, r[k], f"{rp}.{k}", inherit_from=default)
         if isinstance(r.get("lowrank"), dict):
-            r["lowrank"] = _build(LowRankSpec, r["lowrank"], f"{rp}.lowrank", inherit_from=base.lowrank)
+            r["lowrank"] = build_dataclass(LowRankSpec, r["lowrank"], f"{rp}.lowrank", inherit_from=base.lowrank)
         try:
             rules.append(Rule(**r))
         except ConfigError as e:
@@ -551,18 +446,8 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     _check(task in TASKS, "task", task, f"one of {TASKS}")
     base = Recipe(task=task, **TASK_DEFAULTS.get(task, {}))
     quant = _build_quant(data.pop("quant"), "quant", base.quant) if "quant" in data else None
-    recipe = _build(Recipe, data, "", inherit_from=base)
+    recipe = build_dataclass(Recipe, data, "", inherit_from=base)
     return dataclasses.replace(recipe, quant=quant) if quant is not None else recipe
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -571,50 +456,11 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     Sections the recipe's task does not use are left out: ``text`` for classification, ``pretrain``
     for a causal LM (it starts pretrained), so a resolved config shows only what the run used.
     """
-    out = _to_plain(recipe)
+    out = to_plain(recipe)
     if not isinstance(recipe, Recipe):
         return out
     unused = {"classification": ("text",), "causal_lm": ("pretrain",)}.get(recipe.task, ())
     return {k: v for k, v in out.items() if k not in unused}
-
-
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node: Any = data
-    for i, k in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            if not k.isdigit() or int(k) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a valid list index")
-            node = node[int(k)]
-            continue
-        nxt = node.get(k)
-        if nxt is None:
-            nxt = node[k] = {}
-        if not isinstance(nxt, dict | list):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
-        node = nxt
-    last = keys[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"override {dotted!r}: {last!r} is not a valid list index")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) to a recipe mapping, in order."""
-    out = json.loads(json.dumps(data))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not allowed: write key=value, e.g. qat.epochs=2")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
-        _set_path(out, key.strip(), value)
-    return out
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -634,5 +480,5 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def stage_hash(*parts: Any) -> str:
     """A short stable hash of plain data (used to cache float checkpoints by recipe)."""
-    blob = json.dumps(_to_plain(parts), sort_keys=True, default=str).encode()
+    blob = json.dumps(to_plain(parts), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -69,7 +69,7 @@ def build_methods(specs: tuple[dict[str, Any], ...] | list[dict[str, Any]], tota
     Each method's settings are its frozen ``Settings`` dataclass, built like every other recipe section:
     an unknown key or a value of the wrong type is a ``ConfigError`` naming ``methods[i].key``.
     """
-    from lowbit.config import build_section
+    from lowbit.validate import build_dataclass
 
     out = []
     for i, spec in enumerate(specs):
@@ -81,7 +81,7 @@ def build_methods(specs: tuple[dict[str, Any], ...] | list[dict[str, Any]], tota
             allowed = ", ".join(sorted(METHODS)) or "none are available yet"
             raise ConfigError(f"methods[{i}].name={name!r} is not allowed: known methods are {allowed}")
         cls = METHODS[name]
-        settings = build_section(cls.Settings, kwargs, f"methods[{i}]")
+        settings = build_dataclass(cls.Settings, kwargs, f"methods[{i}]")
         out.append(cls(total_steps, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}))
     return out
 

@@ -200,3 +200,48 @@ def test_summary_has_the_contract_keys(tmp_path: Path) -> None:
     assert s["quant_bytes"] < s["float_bytes"]
     for f in ("config.yaml", "metrics.jsonl", "summary.json"):
         assert (tmp_path / "r" / f).is_file()
+
+
+@dataclass(frozen=True)
+class OwnSGDSettings:
+    lr: float = 0.0
+
+
+class OwnSGD:
+    """A test method that optimizes the last layer's bias itself (SGD at its own lr), as binary methods will."""
+
+    Settings = OwnSGDSettings
+
+    def __init__(self, total_steps: int, lr: float = 0.0) -> None:
+        self.lr = lr
+
+    def param_groups(self, model):  # noqa: ANN001, ANN201
+        return [{"params": [model.classifier.bias], "lr": self.lr, "optimizer": torch.optim.SGD}]
+
+    def attach(self, model):  # noqa: ANN001, ANN201
+        pass
+
+    def loss(self, model, batch=None, outputs=None):  # noqa: ANN001, ANN201
+        return None
+
+    def step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_a_method_optimizes_its_own_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """param_groups: the bias leaves the stage's SGD; at lr 0 under the method's own SGD it stays put."""
+    monkeypatch.setitem(methods_mod.METHODS, "own_sgd", OwnSGD)
+    recipe = recipe_from_dict({**TINY, "methods": [{"name": "own_sgd"}], "qat": {"epochs": 1}})
+    run(recipe, tmp_path / "r", progress=False)
+    start = load_checkpoint(tmp_path / ".cache" / next(p.name for p in (tmp_path / ".cache").iterdir()))["model"]
+    end = _weights(tmp_path / "r")
+    assert torch.equal(end["classifier.bias"], start["classifier.bias"])
+    assert not torch.equal(end["classifier.weight"], start["classifier.weight"])
+    state = load_checkpoint(tmp_path / "r" / "checkpoints" / "qat.safetensors")
+    assert len(state["optimizers"]) == 3  # weights, scales, and the method's own

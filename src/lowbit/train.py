@@ -100,12 +100,29 @@ def _schedule(kind: str, total: int, warmup: float):  # noqa: ANN202 - a plain l
     return base if warmup == 0 else (lambda t: min(1.0, (t + 1) / n_warm) * base(t))
 
 
-class _Optimizers:
-    """The stage's optimizers and schedulers, as one object to step and checkpoint."""
+def _method_groups(methods: list[Method], model: nn.Module) -> list[dict[str, Any]]:
+    """The parameter groups methods optimize themselves (``param_groups(model)`` hooks), checked."""
+    groups = [g for hook in call_hooks(methods, "param_groups", model) for g in hook]
+    for g in groups:
+        cls = g.get("optimizer") if isinstance(g, dict) else None
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or "params" not in g:
+            raise TypeError(f"a method's param_groups entry {g!r} needs 'params' and 'optimizer' (an Optimizer class)")
+    return groups
 
-    def __init__(self, model: nn.Module, cfg: StageConfig, total: int) -> None:
-        weights, qparams = split_parameters(model)
-        self.params = weights + qparams
+
+class _Optimizers:
+    """The stage's optimizers and schedulers, as one object to step and checkpoint.
+
+    Parameters a method optimizes itself (its ``param_groups(model)``: torch parameter groups, each with an
+    ``optimizer`` class; groups with the same class share one optimizer) leave the stage's optimizers;
+    the loop steps, clips and checkpoints the methods' optimizers with its own and schedules only its own.
+    """
+
+    def __init__(self, model: nn.Module, cfg: StageConfig, total: int, methods: list[Method] | None = None) -> None:
+        own = _method_groups(methods or [], model)
+        owned = {id(p) for g in own for p in g["params"]}
+        weights, qparams = ([p for p in group if id(p) not in owned] for group in split_parameters(model))
+        self.params = weights + qparams + [p for g in own for p in g["params"]]
         self.opts: list[torch.optim.Optimizer] = []
         self.scheds: list[torch.optim.lr_scheduler.LambdaLR] = []
         if weights:
@@ -117,6 +134,9 @@ class _Optimizers:
             if cfg.schedule_scales:
                 sched = _schedule(cfg.schedule, total, cfg.warmup)
                 self.scheds.append(torch.optim.lr_scheduler.LambdaLR(self.opts[-1], sched))
+        for cls in dict.fromkeys(g["optimizer"] for g in own):
+            groups = [{k: v for k, v in g.items() if k != "optimizer"} for g in own if g["optimizer"] is cls]
+            self.opts.append(cls(groups))
         self.grad_clip = cfg.grad_clip
 
     @property
@@ -235,7 +255,7 @@ def train_stage(
     bpe = task.steps_per_epoch
     total = stage_steps(cfg, bpe)
     end = min(total, cfg.max_steps) if cfg.max_steps else total
-    opt = _Optimizers(model, cfg, total)
+    opt = _Optimizers(model, cfg, total, methods)
     step, loss_sum, loss_count = _resume(model, opt, methods, stage) if resume else (0, 0.0, 0)
     if step:
         log.info("resumed %s at step %d/%d from %s", stage.name, step, end, stage.checkpoint)

@@ -11,7 +11,11 @@ that has them:
   inputs); returns whether it changed the model, in which case the loop evaluates before and after;
 - ``finish(model, batches)``: runs once after training, before the final evaluation and ``convert``;
 - ``unsupported(layer) -> str | None``: why the method cannot run on this layer kind (``attach_methods``
-  turns it into a ``ConfigError`` naming the layer; the contract table skips the pair and says why).
+  turns it into a ``ConfigError`` naming the layer; the contract table skips the pair and says why);
+- ``param_groups(model) -> list[dict]``: parameters the method optimizes itself (binary latent weights
+  under Bop or CEMA): torch parameter groups, each with an ``optimizer`` key holding the optimizer
+  class; the loop takes them out of its own optimizers, then steps, clips and checkpoints them;
+- ``report(rows) -> lowbit.figures.Section``: the method's part of the run report.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Method(Protocol):
     # def before_eval(self, model: nn.Module, batches: Iterable[Any]) -> bool: ...
     # def finish(self, model: nn.Module, batches: Iterable[Any]) -> None: ...
     # def unsupported(self, layer: nn.Module) -> str | None: ...
+    # def param_groups(self, model: nn.Module) -> list[dict[str, Any]]: ...
+    # def report(self, rows: list[dict[str, Any]]) -> Section: ...
 
 
 def _registry() -> dict[str, Any]:

@@ -277,3 +277,126 @@ def test_load_recipe_errors(tmp_path) -> None:
     ok.write_text("qat: {epochs: 1}\n")
     r = load_recipe(ok, ["qat.epochs=3"])
     assert r.name == "tiny" and r.qat.epochs == 3.0
+
+
+# -- values that would crash or hang a run are refused where they enter -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("qat.epochs=.inf", "qat.epochs=inf is not allowed: expected a finite number"),
+        ("qat.epochs=.nan", "qat.epochs=nan is not allowed"),
+        ("qat.epochs=1000000", "qat.epochs=1000000.0 is not allowed: a number from 0 to 100_000"),
+        ("qat.lr=.inf", "qat.lr=inf"),
+        ("pretrain.scale_lr=.nan", "pretrain.scale_lr=nan"),
+        ("qat.momentum=-.inf", "qat.momentum=-inf"),
+        ("qat.momentum=2", "qat.momentum=2.0 is not allowed: a number from 0 to 1"),
+        ("qat.weight_decay=.nan", "qat.weight_decay=nan"),
+        ("qat.warmup=.nan", "qat.warmup=nan"),
+        ("qat.betas=[.nan, 0.9]", "qat.betas[0]=nan"),
+        ("qat.betas=[0.9, 1]", "qat.betas[1]=1.0 is not allowed: two numbers in [0, 1)"),
+        ("qat.grad_clip=.inf", "qat.grad_clip=inf is not allowed: expected a finite number or null"),
+        ("qat.steps=10000000000", "qat.steps=10000000000 is not allowed: null (use epochs) or an integer from 0"),
+        ("qat.max_steps=0", "qat.max_steps=0"),
+        ("qat.eval_every=true", "qat.eval_every=True is not allowed: expected an integer"),
+        ("seed=9223372036854775808", "seed=9223372036854775808 is not allowed: an integer from 0 to 4_294_967_295"),
+        ("seed=-1", "seed=-1 is not allowed"),
+        ("seed=1" + "0" * 75, "seed=1" + "0" * 75 + " is not allowed: an integer from 0 to 4_294_967_295"),
+        ("device=" + "x" * 300, "device='" + "x" * 74 + "...x' is not allowed"),  # a long value, cut short
+        ("seed=1" + "0" * 400, "0...0': the value: '10000000000000000000'... has more than 256 bits"),
+        ("data.split_seed=4294967296", "data.split_seed=4294967296"),
+        ("threads=-1", "threads=-1 is not allowed: null (torch's default) or an integer from 1 to 1024"),
+        ("threads=0", "threads=0 is not allowed"),
+        ("threads=1000000", "threads=1000000 is not allowed"),
+        ("threads=true", "threads=True is not allowed"),
+        ("device=tpu", "device='tpu' is not allowed: cpu, cuda or cuda:N (N from 0 to 1023)"),
+        ("device=cuda:-1", "device='cuda:-1'"),
+        ("device=cuda:x", "device='cuda:x'"),
+        ("device=cuda:01", "device='cuda:01'"),
+        ("device='cpu '", "device='cpu '"),
+        ("quant.weight.num_candidates=1000000000", "num_candidates=1000000000 is not allowed: an integer from 1 to"),
+        ("quant.weight.p=.inf", "quant.weight.p=inf"),
+        ("quant.weight.p=1000", "quant.weight.p=1000.0 is not allowed: a number in (0, 100]"),
+        ("quant.act.axis=99", "quant.act.axis=99"),
+        ("quant.weight={granularity: group, group_size: 10000000}", "quant.weight.group_size=10000000"),
+        ("quant.lowrank={alpha: .inf}", "quant.lowrank.alpha=inf"),
+        ("quant.lowrank={rank: 1000000}", "quant.lowrank.rank=1000000"),
+        ("quant.rules=[{match: fc, weight: {p: .nan}}]", "quant.rules[0].weight.p=nan"),
+        ("data.batch_size=1000001", "data.batch_size=1000001 is not allowed: an integer from 1 to 1_000_000"),
+        ("data.eval_batch_size=false", "data.eval_batch_size=False"),
+        ("data.train_subset=10000000000", "data.train_subset=10000000000"),
+        ("calib_batches=1000000", "calib_batches=1000000 is not allowed: an integer from 1 to 256"),
+        ("checkpoint_every=-1", "checkpoint_every=-1"),
+        ("model.name=''", "model.name='' is not allowed"),
+        ("task=causal_lm", None),  # the causal-LM defaults pass; text.* below
+    ],
+)
+def test_values_that_would_crash_or_hang_a_run(override: str, needle: str | None) -> None:
+    if needle is None:
+        recipe_from_dict(apply_overrides({}, [override]))
+        return
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(apply_overrides({}, [override]))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("text.heldout_fraction=.nan", "text.heldout_fraction=nan"),
+        ("text.heldout_fraction=1", "text.heldout_fraction=1.0 is not allowed: a number in (0, 1)"),
+        ("text.eval_windows=1000000000", "text.eval_windows=1000000000"),
+        ("text.seq_len=2000000", "text.seq_len=2000000"),
+        ("text.other_corpus=[1]", "text.other_corpus=[1]"),
+    ],
+)
+def test_text_values_are_bounded(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        recipe_from_dict(apply_overrides({"task": "causal_lm"}, [override]))
+    assert needle in str(e.value)
+
+
+def test_direct_construction_checks_the_same_bounds() -> None:
+    import math
+
+    from lowbit.config import LowRankSpec, TextConfig
+
+    for make, needle in [
+        (lambda: StageConfig(epochs=math.inf), "epochs=inf"),
+        (lambda: StageConfig(lr=math.nan), "lr=nan"),
+        (lambda: StageConfig(betas=(math.nan, 0.9)), "betas[0]=nan"),
+        (lambda: StageConfig(betas=0.9), "betas=0.9"),  # type: ignore[arg-type]
+        (lambda: StageConfig(grad_clip=math.inf), "grad_clip=inf"),
+        (lambda: StageConfig(epochs=10**400), "epochs=1000000"),
+        (lambda: Recipe(seed=2**63), "seed=9223372036854775808"),
+        (lambda: Recipe(threads=0), "threads=0"),
+        (lambda: Recipe(device="cuda:1024"), "device='cuda:1024'"),
+        (lambda: Recipe(calib_batches=True), "calib_batches=True"),
+        (lambda: Recipe(methods="x"), "methods='x'"),  # type: ignore[arg-type]
+        (lambda: QuantSpec(num_candidates=10**9), "num_candidates=1000000000"),
+        (lambda: QuantSpec(p=math.nan), "p=nan"),
+        (lambda: LowRankSpec(alpha=math.nan), "alpha=nan"),
+        (lambda: TextConfig(heldout_fraction=math.nan), "heldout_fraction=nan"),
+        (lambda: DataConfig(batch_size=True), "batch_size=True"),
+        (lambda: DataConfig(split_seed=-1), "split_seed=-1"),
+        (lambda: ModelConfig(args={1: 2}), "args={1: 2}"),  # type: ignore[dict-item]
+        (lambda: Recipe(seed=16**5000), "seed=(an integer of 20_001 bits)"),  # too long to print
+    ]:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert needle in str(e.value) and "not allowed" in str(e.value)
+    # the edges themselves are fine
+    r = Recipe(seed=2**32 - 1, threads=1024, device="cuda:1023", calib_batches=256, checkpoint_every=10**9)
+    assert r.seed == 2**32 - 1 and Recipe(device="cuda").device == "cuda"
+    assert StageConfig(steps=10**9, epochs=100_000, lr=100, momentum=1, warmup=0.99).steps == 10**9
+    assert QuantSpec(num_candidates=10_000, p=100, axis=-8).num_candidates == 10_000
+
+
+def test_method_settings_take_finite_numbers_only() -> None:
+    from lowbit.methods import build_methods
+
+    with pytest.raises(ConfigError, match=r"methods\[0\].lambda_final=inf is not allowed: expected a finite number"):
+        build_methods([{"name": "oscillation_dampening", "lambda_final": float("inf")}], total_steps=10)
+    with pytest.raises(ConfigError, match=r"methods\[0\].momentum=nan"):
+        build_methods([{"name": "oscillation_tracking", "momentum": float("nan")}], total_steps=10)

@@ -81,6 +81,25 @@ def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
         read_idx(tmp_path / "plain.gz", ndim=3)
 
 
+def test_read_idx_refuses_headers_that_wrap_or_overflow(tmp_path: Path) -> None:
+    """Dimensions whose product wraps a 64-bit integer (2^32-1 each), or a huge declared payload: a clear
+    error naming the file, without reading or allocating what the header claims."""
+    for name, dims in (("wrap.gz", (2**32 - 1, 2**32 - 1, 2**32 - 1)), ("huge.gz", (2**20, 2**10, 2**10))):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", *dims) + bytes(16))
+        with pytest.raises(DatasetMissingError, match=rf"{name.replace('.', r'[.]')}: IDX header declares shape"):
+            read_idx(tmp_path / name, ndim=3)
+
+
+def test_constant_images_are_a_clear_error(no_system_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(vision.DATA_ENV, str(no_system_data / "data"))
+    root = no_system_data / "data" / "fashion-mnist"
+    write_fashion(root, n_train=6, n_test=2, seed=1)
+    write_idx(root / "train-images-idx3-ubyte.gz", np.full((6, 28, 28), 7, dtype=np.uint8))
+    with pytest.raises(DatasetMissingError, match="all one constant value"):
+        load_dataset("fashion_mnist")
+
+
 def test_fashion_mnist_from_lowbit_data(no_system_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(vision.DATA_ENV, str(no_system_data / "data"))
     arrays = write_fashion(no_system_data / "data" / "fashion-mnist", n_train=12, n_test=5, seed=1)
@@ -180,6 +199,13 @@ def test_mnist10k_split_and_pixels(digits_dir: Path, monkeypatch: pytest.MonkeyP
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
     other = load_dataset("mnist10k", split_seed=4)
     assert not torch.equal(other.train_y, data.train_y)
+
+
+def test_mnist10k_nan_pixels_are_refused(digits_dir: Path) -> None:
+    path = digits_dir / "3.json"
+    path.write_text(path.read_text().replace('{"data": [', '{"data": [NaN,', 1).replace(",1]}", "]}", 1))
+    with pytest.raises(DatasetMissingError, match=r"3\.json: pixel values must be finite"):
+        load_dataset("mnist10k")
 
 
 def test_mnist10k_stale_cache_is_rebuilt(digits_dir: Path) -> None:

@@ -138,8 +138,33 @@ def test_unknown_keyword_names_it_and_lists_accepted() -> None:
         ("mobilenetv2", {"dropout": 1.0}, "dropout=1.0"),
         ("mobilenetv2", {"expand_ratio": 0}, "expand_ratio=0"),
         ("mobilenetv2", {"num_classes": 1}, "num_classes=1"),
+        ("mlp", {"width": -5}, "MLP: width=-5; allowed an int from 1 to 65_536"),
+        ("mlp", {"depth": 10**6}, "MLP: depth=1000000; allowed an int from 0 to 256"),
+        ("mlp", {"image_size": 10**30}, "image_size=1000000000000000000000000000000"),
+        ("resnet", {"blocks": [1] * 7}, "ResNet: blocks=[1, 1, 1, 1, 1, 1, 1]; allowed 1 to 6 stages"),
+        ("resnet", {"blocks": (1, 10**6)}, "blocks[1]=1000000"),
+        ("resnet", {"width": 10**5}, "width=100000"),
+        ("mobilenetv2", {"width_mult": float("inf")}, "width_mult=inf"),
+        ("mobilenetv2", {"width_mult": float("nan")}, "width_mult=nan"),
+        ("mobilenetv2", {"dropout": float("nan")}, "dropout=nan"),
+        ("mobilenetv2", {"expand_ratio": 10**6}, "expand_ratio=1000000"),
     ],
 )
 def test_bad_values_name_the_field(name: str, kwargs: dict[str, object], expected: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(expected)):
         build_model(name, **kwargs)
+
+
+def test_a_model_too_large_is_refused_before_memory_is_spent() -> None:
+    """Each argument within its bounds, the whole beyond MAX_PARAMETERS: counted on the meta device."""
+    import time
+
+    from lowbit.models import MAX_PARAMETERS
+
+    t0 = time.perf_counter()
+    for name, kwargs in [("mlp", {"width": 65_536, "depth": 256}), ("resnet", {"width": 4096, "blocks": [2, 2]}),
+                         ("mlp", {"width": 20_000, "depth": 2})]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"model '{name}' with .* parameters is more than the 100_000_000"):
+            build_model(name, **kwargs)
+    assert time.perf_counter() - t0 < 5.0
+    assert n_params(build_model("mlp", width=64, depth=3)) < MAX_PARAMETERS

@@ -67,10 +67,16 @@ def test_a_key_given_twice() -> None:
         ("model.argz=[1,2]", r"cell 'argz-1' \(model.argz=1\): unknown key 'model.argz': allowed keys here are name"),
         ("quant.weight.bits=[2,9]", r"cell 'bits-9' \(quant.weight.bits=9\): .*bits=9 is not allowed: an integer from"),
         ("model.args.widht=[8,16]", r"cell 'widht-8'.*unknown argument\(s\) \['widht'\]; accepted: width, depth"),
-        ("model.args.width=[0,8]", r"cell 'width-0' \(model.args.width=0\): MLP: width=0; allowed an int >= 1"),
+        ("model.args.width=[0,8]", r"cell 'width-0' \(model.args.width=0\): MLP: width=0; allowed an int from 1 to"),
+        ("model.args.width=[-5,8]", r"cell 'width--5' \(model.args.width=-5\): MLP: width=-5; allowed an int from 1"),
+        ("model.args.depth=[1,1000000]", r"cell 'depth-1000000'.*MLP: depth=1000000; allowed an int from 0 to 256"),
+        ("model.args=[{width: 8}, {width: 60000, depth: 2}]", r"'args-depth2-width60000'.*is more than"),
         ("data.name=[mnist10k,svhn]", r"cell 'name-svhn'.*data.name='svhn' is not allowed: known datasets are"),
         ("methods.0.levels=[3,4]", r"cell 'levels-4'.*levels=4 is not allowed: use null"),
-        ("qat.epochs=[1,-1]", r"cell 'epochs--1'.*epochs=-1.0? is not allowed: a number >= 0"),
+        ("qat.epochs=[1,-1]", r"cell 'epochs--1'.*epochs=-1.0? is not allowed: a number from 0 to 100_000"),
+        ("qat.epochs=[1,.inf]", r"'epochs-inf' \(qat.epochs=.inf\): qat.epochs=inf is not allowed: expected a finite"),
+        ("seed=[0,18446744073709551616]", r"seed=18446744073709551616 is not allowed: an integer from 0 to 4_294"),
+        ("quant.rules=[[{match: nothere}]]", r"rules\[0\].match='nothere' matches no quantizable layer"),
     ],
 )
 def test_bad_cells_are_named_before_anything_runs(recipe: Path, tmp_path: Path, item: str, message: str) -> None:
@@ -122,9 +128,11 @@ def test_sweep_runs_every_cell_once_and_resumes(
     calls: list[tuple[str, bool]] = []
     real_run = lowbit.run.run
 
-    def counting_run(recipe: Any, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    def counting_run(
+        recipe: Any, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
+    ) -> dict[str, Any]:
         calls.append((run_dir.name, resume))
-        return real_run(recipe, run_dir, resume=resume, progress=progress)
+        return real_run(recipe, run_dir, resume=resume, progress=progress, force=force)
 
     monkeypatch.setattr(lowbit.run, "run", counting_run)
     runs = tmp_path / "runs"
@@ -162,10 +170,12 @@ def test_sweep_runs_every_cell_once_and_resumes(
     (out / names[0] / "summary.json").unlink()
     (out / names[3] / "summary.json").unlink()
 
-    def failing_run(recipe: Any, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    def failing_run(
+        recipe: Any, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
+    ) -> dict[str, Any]:
         if run_dir.name == names[0]:
             raise TrainingError("loss became nan")
-        return counting_run(recipe, run_dir, resume, progress)
+        return counting_run(recipe, run_dir, resume, progress, force)
 
     monkeypatch.setattr(lowbit.run, "run", failing_run)
     with pytest.raises(TrainingError, match=r"1 of 4 sweep cells failed \(width-8_bits-2\)"):
@@ -218,3 +228,78 @@ def test_interrupted_sweep_says_how_to_continue(
     monkeypatch.setattr(lowbit.sweep, "run_sweep", interrupted)
     assert main(["sweep", "tiny", "quant.weight.bits=[2,3]"]) == 130
     assert "continue with the same `lowbit sweep` command" in capsys.readouterr().err
+
+
+def test_a_million_cells_are_refused_before_anything_runs(
+    recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from lowbit.sweep import MAX_CELLS
+
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cell ran")
+
+    monkeypatch.setattr(lowbit.run, "run", no_run)
+    axes = [f"seed={list(range(1000))}", f"qat.lr={[round(0.001 * i, 3) for i in range(1, 1001)]}"]
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"sweep of 1_000_000 cells \(1000 seed × 1000 qat.lr\) is more than "
+                       r"max_cells=256: each cell is a training run"):  # fmt: skip
+        run_sweep(recipe, axes, tmp_path / "runs", progress=False)
+    assert time.perf_counter() - t0 < 2.0 and not (tmp_path / "runs").exists()
+    assert MAX_CELLS == 256
+    grid = ["model.args.width=[8,16]", "seed=[0,1]"]
+    with pytest.raises(ConfigError, match=r"sweep of 4 cells \(2 model.args.width × 2 seed\) is more than max_cells=3"):
+        plan_cells(recipe, grid, tmp_path / "out", max_cells=3)
+    assert len(plan_cells(recipe, grid, tmp_path / "out", max_cells=4)[0]) == 4
+    with pytest.raises(ConfigError, match=r"max_cells=0 is not allowed"):
+        plan_cells(recipe, grid, tmp_path / "out", max_cells=0)
+
+
+def test_cells_that_quantize_alike_are_refused(recipe: Path, tmp_path: Path) -> None:
+    """The README's old example: a one-hidden-layer MLP has two linears, both at first_last_bits."""
+    bits = "quant.weight.bits=[2,4]"
+    with pytest.raises(ConfigError, match=r"sweep cells 'bits-2' and 'bits-4' quantize alike \(weight bits "
+                       r"features.1: 8, classifier: 8\): quant.first_last_bits=8 sets the first and last quantized "
+                       r"layers, and mlp has only 2 quantized layers, so quant.weight.bits changes"):  # fmt: skip
+        plan_cells(recipe, [bits, "quant.first_last_bits=8"], tmp_path / "out")
+    rule = "quant.rules=[[{match: 'features.*', weight: {bits: 8}}, {match: classifier, weight: {bits: 8}}]]"
+    with pytest.raises(ConfigError, match=r"quantize alike .* the rules fix the bits of every quantized layer"):
+        plan_cells(recipe, [bits, rule], tmp_path / "out")
+    # a hidden layer left to quant.weight.bits, or no first/last override: the cells differ
+    cells, _ = plan_cells(recipe, [bits, "quant.first_last_bits=8", "model.args.depth=2"], tmp_path / "out")
+    assert [c.name for c in cells] == ["bits-2", "bits-4"]
+    assert len(plan_cells(recipe, [bits], tmp_path / "out")[0]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def _summary_row(tmp_path: Path, recipe: Path, items: list[str], summaries: list[dict[str, Any]]) -> tuple:
+    from lowbit.sweep import collect_rows
+
+    cells, grid = plan_cells(recipe, items, tmp_path / "s")
+    for cell, summary in zip(cells, summaries, strict=True):
+        cell.run_dir.mkdir(parents=True)
+        (cell.run_dir / "config.yaml").write_text(cell.config_text())
+        base = {"dataset": "synthetic", "model": "mlp", "metric_name": "accuracy", "float_metric": 80.0,
+                "direct_metric": 70.0, "quant_metric": 75.0, "float_bytes": 40_000, "quant_bytes": 4_000,
+                "num_parameters": 10_000, "weight_bits": 2, "act_bits": 8}  # fmt: skip
+        (cell.run_dir / "summary.json").write_text(json.dumps({**base, **summary}))
+    return collect_rows(cells), grid
+
+
+def test_rows_carry_the_realised_mean_weight_bits(recipe: Path, tmp_path: Path) -> None:
+    rows, _ = _summary_row(tmp_path, recipe, ["seed=[0,1,2]"],
+                           [{"mean_weight_bits": 2.3751}, {"mean_weight_bits": 2.0}, {}])  # fmt: skip
+    assert [r["weight_bits"] for r in rows] == [2.375, 2, 2]  # the last summary predates mean_weight_bits
+
+
+@pytest.mark.parametrize("items", [["quant.weight.bits=[2]"], ["quant.weight.bits=[2,3]", "seed=[0,1]"]])
+def test_one_network_size_plots_without_a_traceback(recipe: Path, tmp_path: Path, items: list[str]) -> None:
+    """One float size: no float curve, so no ECR; the ECR plot says so instead of failing on a log axis."""
+    from lowbit.sweep.results import write_results
+
+    n = len(plan_cells(recipe, items, tmp_path / "plan")[0])
+    rows, grid = _summary_row(tmp_path, recipe, items, [{"quant_metric": 75.0 + i} for i in range(n)])
+    paths = write_results(rows, tmp_path / "s", list(grid))
+    assert sorted(p.name for p in paths if p.suffix == ".png") == ["accuracy.png", "ecr.png", "gap.png", "memory.png"]
+    assert all(r["ecr"] is None for r in rows)

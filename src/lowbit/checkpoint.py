@@ -1,4 +1,4 @@
-"""Training checkpoints: one safetensors file per stage, written atomically, no pickle.
+"""Training checkpoints: one safetensors file per stage, written atomically, no pickle, checked on load.
 
 A checkpoint holds tensors (model, optimizer state, RNG, method state) in safetensors, and everything
 else (step, epoch, optimizer hyper-parameters, scheduler state) as JSON in the file's own metadata, so
@@ -9,10 +9,15 @@ metadata is written beside it for people; loading never reads it.
 Nested state (``optimizer.state_dict()`` and friends) is flattened: each tensor becomes a safetensors
 entry and is replaced in the JSON skeleton by ``{"__tensor__": key}``; dicts with non-string keys are
 stored as ``{"__items__": [[key, value], ...]}`` so integer keys survive the round trip.
+
+The metadata carries a sha256 over itself and every tensor's name, dtype, shape and bytes (as model
+files do), so an edited step counter or a swapped tensor is refused; the JSON is read with a depth limit.
+What the fields must hold is checked by the loop that reads them (``lowbit.train``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,9 +29,55 @@ from safetensors.torch import save_file
 
 from lowbit.errors import FormatError
 
-__all__ = ["flatten_state", "unflatten_state", "save_checkpoint", "load_checkpoint", "atomic_write_text"]
+__all__ = [
+    "flatten_state", "unflatten_state", "save_checkpoint", "load_checkpoint", "atomic_write_text", "digest",
+    "remove_stale_temp_files",
+]  # fmt: skip
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 over metadata and tensors
+MAX_DEPTH = 64  # nesting of the JSON skeleton (optimizer states nest about 6 deep)
+
+
+def digest(meta: Any, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the JSON of ``meta`` and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of plain JSON data, without recursion (a hostile file cannot overflow the stack)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            return d
+        deepest = max(deepest, d)
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp<pid>`` files that a process which no longer runs left in ``folder``."""
+    removed = []
+    for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+        pid = tmp.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except (PermissionError, OverflowError, ValueError):
+            continue  # alive under another user, or not a pid: leave it
+    return removed
 
 
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -76,7 +127,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten_state(state, "s", tensors)
-    meta = json.dumps({"format_version": FORMAT_VERSION, "state": skeleton})
+    for k, t in list(tensors.items()):
+        tensors[k] = t.detach().cpu().contiguous()
+    meta = json.dumps({"format_version": FORMAT_VERSION, "state": skeleton, "sha256": digest(skeleton, tensors)})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # safetensors refuses tensors that share memory; checkpoints are small, so copy those
     seen: dict[int, str] = {}
@@ -108,11 +161,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FormatError(f"checkpoint {str(path)!r} has no lowbit metadata: not a lowbit checkpoint")
     try:
         info = json.loads(meta["lowbit"])
-    except json.JSONDecodeError as e:
-        raise FormatError(f"checkpoint {str(path)!r} has unreadable metadata ({e})") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise FormatError(f"checkpoint {str(path)!r} has unreadable metadata ({type(e).__name__})") from None
+    if not isinstance(info, dict) or _depth(info, MAX_DEPTH) > MAX_DEPTH:
+        raise FormatError(f"checkpoint {str(path)!r}: its metadata is not a mapping of at most {MAX_DEPTH} levels")
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatError(
-            f"checkpoint {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION} "
+            "(start the run again)"
         )
-    return unflatten_state(info["state"], tensors)
+    if info.get("sha256") != digest(info.get("state"), tensors):
+        raise FormatError(f"checkpoint {str(path)!r} fails its sha256 check: it was damaged or edited after saving")
+    try:
+        return unflatten_state(info["state"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"checkpoint {str(path)!r} has a malformed state ({type(e).__name__}: {e})") from None

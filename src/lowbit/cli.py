@@ -5,6 +5,7 @@
     lowbit export RUN [--format lowbit|onnx] [--out PATH]
     lowbit generate MODEL "prompt" [--max-new-tokens N] [--tokenizer DIR]
     lowbit report RUN
+    lowbit runs [--runs DIR]
     lowbit recipes
     lowbit memory [--config llama2-7b|smollm2-135m|PATH] [--method NAME|all] [--batch N] [--seq-len N]
                   [--bits B] [--rank R] [--phi PHI] [--group-size G] [--dtype fp32|bf16]
@@ -23,10 +24,9 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 from lowbit.config import load_recipe, recipe_from_dict
 from lowbit.errors import ConfigError, FormatError, TrainingError
+from lowbit.validate import read_yaml
 
 __all__ = ["main", "find_recipe", "recipe_dirs"]
 
@@ -54,6 +54,16 @@ def find_recipe(name: str) -> Path:
                 return cand
     known = sorted({f.stem for d in recipe_dirs() for f in d.glob("*.yaml")})
     raise ConfigError(f"recipe {name!r} not found: pass a YAML path or one of {', '.join(known) or '(none)'}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use an integer from 1 to 100000")
+    return value
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -101,18 +111,15 @@ def _print_summary(s: dict, report: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lowbit.run import run
+    from lowbit.run import run, runs_child
 
     path = find_recipe(args.recipe)
     recipe = load_recipe(path, args.overrides)
-    name = args.name or recipe.name
-    run_dir = Path(args.runs) / name
-    if run_dir.exists() and (run_dir / "summary.json").exists() and not args.resume and not args.force:
-        raise ConfigError(
-            f"run directory {str(run_dir)!r} already holds a finished run: pass --name NEW, --force to overwrite"
-        )
+    run_dir = runs_child(Path(args.runs), args.name or recipe.name, "--name" if args.name else "name (the recipe's)")
+    if args.resume and args.force:
+        raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force starts over")
     print(f"run {run_dir} (recipe {path})")
-    summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress)
+    summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
     report = run_dir / "report.html"
     _print_summary(summary, report if report.is_file() else None)
     return 0
@@ -126,11 +133,7 @@ def _load_run(run_arg: str):  # noqa: ANN202 - (run_dir, recipe, task, integer m
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no config.yaml: pass a directory written by `lowbit train`")
-    try:
-        raw = yaml.safe_load(cfg.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{cfg} is not valid YAML: {e}") from None
-    recipe = recipe_from_dict(raw)
+    recipe = recipe_from_dict(read_yaml(cfg, f"run config {str(cfg)!r}"))
     path = run_dir / "model.safetensors"
     if not path.is_file():
         raise ConfigError(f"run {str(run_dir)!r} has no model.safetensors yet: finish it with `lowbit train --resume`")
@@ -156,6 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.export.io import save
 
+    if args.out is not None and Path(args.out).is_dir():
+        example = Path(args.out) / ("model.onnx" if args.format == "onnx" else "model.safetensors")
+        raise ConfigError(f"--out={args.out!r} is a folder: pass a file path, e.g. {example}")
     run_dir, _, task, int_model = _load_run(args.run)
     if args.format == "onnx":
         from lowbit.export.onnx import export_onnx
@@ -207,6 +213,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lowbit.report import write_report
 
     print(write_report(Path(args.run)))
+    return 0
+
+
+def _number(s: dict, key: str) -> str:
+    v = s.get(key)
+    return f"{v:.2f}" if isinstance(v, int | float) and not isinstance(v, bool) else "–"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """The runs under a runs folder, side by side: what each ran and what it reached."""
+    root = Path(args.runs)
+    if not root.is_dir():
+        raise ConfigError(f"--runs={args.runs!r} is not a folder of runs (lowbit train writes them under runs/)")
+    head = ["run", "model / data", "bits", "metric", "float", "before QAT", "integer", "size", "state"]
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.yaml").is_file()):
+        try:
+            s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+        except (ValueError, RecursionError):
+            s = {}
+        if not isinstance(s, dict):
+            s = {}
+
+        act = f"A{s['act_bits']}" if s.get("act_bits") not in (None, 32) else ""
+        bits = f"W{s.get('weight_bits')}{act}" if s else "–"
+        size = f"{s['quant_bytes']:,}" if isinstance(s.get("quant_bytes"), int) else "–"
+        state = "finished" if s else ("interrupted" if any((d / "checkpoints").glob("*.safetensors")) else "started")
+        rows.append([d.name, f"{s.get('model', '?')} / {s.get('dataset', '?')}" if s else "–", bits,
+                     str(s.get("metric_name", "–")), _number(s, "float_metric"), _number(s, "direct_metric"),
+                     _number(s, "quant_metric"), size, state])  # fmt: skip
+    if not rows:
+        print(f"no runs under {root}")
+        return 0
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
 
 
@@ -263,7 +305,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from lowbit.sweep import run_sweep
 
     path = find_recipe(args.recipe)
-    _, out = run_sweep(path, args.grid, args.runs, args.name, progress=not args.no_progress, x_key=args.x)
+    _, out = run_sweep(
+        path, args.grid, args.runs, args.name, progress=not args.no_progress, x_key=args.x, max_cells=args.max_cells
+    )
     print((out / "results.md").read_text())
     plots = sorted(p.name for p in out.glob("*.png"))
     where = f"; plots in {out}: {', '.join(plots)}" if plots else ""
@@ -272,14 +316,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
+    from lowbit.sweep import MAX_CELLS
+
     p = argparse.ArgumentParser(prog="lowbit", description="Quantization-aware training to low-bit integer models")
     p.add_argument("-v", "--verbose", action="store_true", help="show debug logs")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a recipe: float pre-training (cached), calibration, QAT")
     t.add_argument("recipe", help="YAML file or shipped recipe name")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. qat.epochs=2 quant.weight.bits=3")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    t.add_argument("--force", action="store_true", help="overwrite a finished run of the same name")
+    t.add_argument("--force", action="store_true", help="start over in a run directory that holds a run (deletes it)")
     t.add_argument("--name", help="run name (default: the recipe's name)")
     t.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -296,12 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text (greedy) with a saved integer LLM")
     g.add_argument("model", help="a model.safetensors written by lowbit.save, or the folder holding it")
     g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=40, help="tokens to generate (default 40)")
     g.add_argument("--tokenizer", help="folder of a saved HF tokenizer (default: beside the model, else SmolLM2's)")
     g.set_defaults(func=cmd_generate)
     rp = sub.add_parser("report", help="write plots and a self-contained report.html for a run")
     rp.add_argument("run", help="run directory, e.g. runs/default")
     rp.set_defaults(func=cmd_report)
+    rn = sub.add_parser("runs", help="list the runs under a runs folder side by side (metric, bits, size, state)")
+    rn.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
+    rn.set_defaults(func=cmd_runs)
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(func=cmd_recipes)
     mm = sub.add_parser("memory", help="predict the peak training memory of LLM QAT methods (lrqat, full_qat, ...)")
@@ -328,12 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
     sw.add_argument("--x", help="swept model key for the plots' x axis, as parameter count (default: the first)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.add_argument("--max-cells", type=int, default=MAX_CELLS, help=f"refuse a larger grid (default {MAX_CELLS})")
     sw.set_defaults(func=cmd_sweep)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # a bare `lowbit`: what it can do, not an error
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return int(args.func(args))

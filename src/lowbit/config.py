@@ -14,16 +14,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 from lowbit.errors import ConfigError
-from lowbit.validate import INHERIT, apply_overrides, build_dataclass, require_int, to_plain
+from lowbit.validate import (
+    INHERIT,
+    apply_overrides,
+    build_dataclass,
+    check_int,
+    check_number,
+    read_yaml,
+    require_int,
+    to_plain,
+)
 from lowbit.validate import check as _check
-from lowbit.validate import is_int as _is_int
 
 __all__ = [
     "QuantSpec",
@@ -46,6 +53,17 @@ __all__ = [
 
 GRANULARITIES = ("tensor", "channel", "group")
 INITS = ("minmax", "mse", "lp")
+# Bounds that keep a run finite (see the notes of issue 12): a range-init grid search costs one fake-quant
+# pass per candidate (the papers use 100); seeds fit every seeder lowbit calls (numpy's SeedSequence,
+# torch.manual_seed); 10**9 steps is months of training, not an integer overflow.
+MAX_CANDIDATES = 10_000
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10**9
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1_000_000
+MAX_THREADS = 1024
+MAX_CALIB_BATCHES = 256  # calibration keeps every batch's activations in memory
+MAX_LENGTH = 1 << 20  # of a sequence, an evaluation window or a quantization group
 
 
 @dataclass(frozen=True)
@@ -66,15 +84,11 @@ class QuantSpec:
     grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.bits) and 1 <= self.bits <= 8, "bits", self.bits, "an integer from 1 to 8")
+        check_int("bits", self.bits, 1, 8)
         _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
         if self.granularity == "group":
-            _check(
-                _is_int(self.group_size) and self.group_size > 0,  # type: ignore[operator]
-                "group_size",
-                self.group_size,
-                "a positive integer when granularity='group'",
-            )
+            allowed = f"an integer from 1 to {MAX_LENGTH:_} when granularity='group'"
+            check_int("group_size", self.group_size, 1, MAX_LENGTH, allowed)
         else:
             _check(
                 self.group_size is None,
@@ -83,14 +97,9 @@ class QuantSpec:
                 "None unless granularity='group' (set granularity: group to quantize in groups)",
             )
         _check(self.init in INITS, "init", self.init, f"one of {INITS}")
-        _check(isinstance(self.p, int | float) and self.p > 0, "p", self.p, "a positive number")
-        _check(
-            _is_int(self.num_candidates) and self.num_candidates >= 1,
-            "num_candidates",
-            self.num_candidates,
-            "a positive integer",
-        )
-        _check(_is_int(self.axis), "axis", self.axis, "an integer dimension index")
+        object.__setattr__(self, "p", check_number("p", self.p, 0, 100, "a number in (0, 100]", open_lo=True))
+        check_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
+        check_int("axis", self.axis, -8, 7, "an integer dimension index from -8 to 7")
         for name in ("symmetric", "learn_scale", "learn_zero_point", "grad_scale"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         _check(self.signed is None or isinstance(self.signed, bool), "signed", self.signed, "true, false or null")
@@ -123,12 +132,9 @@ class LowRankSpec:
     recompute: bool = True
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.rank) and self.rank >= 0, "rank", self.rank, "an integer >= 0 (0: scales only)")
-        _check(
-            isinstance(self.alpha, int | float) and not isinstance(self.alpha, bool) and self.alpha > 0,
-            "alpha", self.alpha, "a number > 0",
-        )  # fmt: skip
-        object.__setattr__(self, "alpha", float(self.alpha))
+        check_int("rank", self.rank, 0, 65_536, "an integer from 0 (scales only) to 65_536")
+        alpha = check_number("alpha", self.alpha, 0, 1e6, "a number in (0, 1e6]", open_lo=True)
+        object.__setattr__(self, "alpha", alpha)
         _check(self.phi in PHI_STORAGES, "phi", self.phi, f"one of {PHI_STORAGES}")
         _check(self.variant in LOWRANK_VARIANTS, "variant", self.variant, f"one of {LOWRANK_VARIANTS}")
         _check(
@@ -192,12 +198,7 @@ class QuantConfig:
         for r in self.rules:
             _check(isinstance(r, Rule), "rules", r, "a list of Rule")
         if self.first_last_bits is not None:
-            _check(
-                _is_int(self.first_last_bits) and 1 <= self.first_last_bits <= 8,
-                "first_last_bits",
-                self.first_last_bits,
-                "null or an integer from 1 to 8",
-            )
+            check_int("first_last_bits", self.first_last_bits, 1, 8, "null or an integer from 1 to 8")
         _check(
             self.lowrank is None or isinstance(self.lowrank, LowRankSpec), "lowrank", self.lowrank,
             "null or a LowRankSpec mapping (rank, alpha, phi, variant, recompute)",
@@ -219,11 +220,14 @@ class DataConfig:
     test_subset: int | None = None
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", "name", self.name, "a dataset or corpus name")
         for n in ("batch_size", "eval_batch_size"):
-            _check(_is_int(getattr(self, n)) and getattr(self, n) > 0, n, getattr(self, n), "a positive integer")
+            check_int(n, getattr(self, n), 1, MAX_BATCH)
+        check_int("split_seed", self.split_seed, 0, MAX_SEED)
         for n in ("train_subset", "test_subset"):
             v = getattr(self, n)
-            _check(v is None or (_is_int(v) and v > 0), n, v, "null or a positive integer")
+            if v is not None:
+                check_int(n, v, 1, MAX_STEPS, f"null or an integer from 1 to {MAX_STEPS:_}")
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,11 @@ class ModelConfig:
 
     name: str = "mobilenetv2"
     args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name != "", "name", self.name, "a model name or folder")
+        _check(isinstance(self.args, dict) and all(isinstance(k, str) for k in self.args), "args", self.args,
+               "a mapping of argument names to values")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,15 +263,17 @@ class TextConfig:
     block_checkpoint: bool = True
 
     def __post_init__(self) -> None:
-        for n, lo in (("seq_len", 2), ("eval_windows", 1), ("eval_window", 2)):
-            require_int("text", n, getattr(self, n), lo)
-        _check(
-            isinstance(self.heldout_fraction, int | float) and 0 < self.heldout_fraction < 1,
-            "heldout_fraction", self.heldout_fraction, "a number in (0, 1)",
-        )  # fmt: skip
+        for n, lo, hi in (("seq_len", 2, MAX_LENGTH), ("eval_windows", 1, 100_000), ("eval_window", 2, MAX_LENGTH)):
+            check_int(n, getattr(self, n), lo, hi)
+        hf = self.heldout_fraction
+        hf = check_number("heldout_fraction", hf, 0, 1, "a number in (0, 1)", open_lo=True, open_hi=True)
+        object.__setattr__(self, "heldout_fraction", hf)
+        _check(self.other_corpus is None or isinstance(self.other_corpus, str), "other_corpus", self.other_corpus,
+               "null or a corpus name")  # fmt: skip
         _check(isinstance(self.block_checkpoint, bool), "block_checkpoint", self.block_checkpoint, "true or false")
 
 
+DEVICE = re.compile(r"cpu|cuda(:(0|[1-9][0-9]{0,2}|10[01][0-9]|102[0-3]))?")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "linear")
 TASKS = ("classification", "causal_lm")
@@ -297,36 +308,27 @@ class StageConfig:
     max_steps: int | None = None  # stop after this many steps (smoke runs); the schedule is unchanged
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.epochs, int | float) and self.epochs >= 0, "epochs", self.epochs, "a number >= 0")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         _check(self.scale_optimizer in OPTIMIZERS, "scale_optimizer", self.scale_optimizer, f"one of {OPTIMIZERS}")
         _check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
-        for n in ("lr", "scale_lr", "weight_decay", "momentum"):
-            v = getattr(self, n)
-            _check(isinstance(v, int | float) and v >= 0, n, v, "a number >= 0")
-        for n in ("epochs", "lr", "scale_lr", "weight_decay", "momentum"):  # 3 and 3.0: one config, one hash
-            object.__setattr__(self, n, float(getattr(self, n)))
-        _check(
-            self.max_steps is None or (_is_int(self.max_steps) and self.max_steps > 0),
-            "max_steps",
-            self.max_steps,
-            "null or a positive integer",
-        )
-        _check(self.steps is None or (_is_int(self.steps) and self.steps >= 0), "steps", self.steps,
-               "null (use epochs) or an integer >= 0")  # fmt: skip
+        for n, hi in (("epochs", MAX_EPOCHS), ("lr", 100), ("scale_lr", 100), ("weight_decay", 1), ("momentum", 1)):
+            # float: 3 and 3.0 are one config, one hash
+            object.__setattr__(self, n, check_number(n, getattr(self, n), 0, hi, f"a number from 0 to {hi:_}"))
+        wu = check_number("warmup", self.warmup, 0, 1, "a fraction in [0, 1)", open_hi=True)
+        object.__setattr__(self, "warmup", wu)
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, 1, MAX_STEPS, f"null or an integer from 1 to {MAX_STEPS:_}")
+        if self.steps is not None:
+            check_int("steps", self.steps, 0, MAX_STEPS, f"null (use epochs) or an integer from 0 to {MAX_STEPS:_}")
+        check_int("eval_every", self.eval_every, 0, MAX_STEPS, f"an integer from 0 (each epoch) to {MAX_STEPS:_}")
+        _check(isinstance(self.betas, list | tuple), "betas", self.betas, "two numbers in [0, 1)")
         object.__setattr__(self, "betas", tuple(self.betas))
-        _check(
-            len(self.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas),
-            "betas", list(self.betas), "two numbers in [0, 1)",
-        )  # fmt: skip
-        wu = self.warmup
-        _check(isinstance(wu, int | float) and 0 <= wu < 1, "warmup", wu, "a fraction in [0, 1)")
+        _check(len(self.betas) == 2, "betas", list(self.betas), "two numbers in [0, 1)")
+        for i, b in enumerate(self.betas):
+            check_number(f"betas[{i}]", b, 0, 1, "two numbers in [0, 1)", open_hi=True)
         _check(isinstance(self.schedule_scales, bool), "schedule_scales", self.schedule_scales, "true or false")
-        _check(
-            self.grad_clip is None or (isinstance(self.grad_clip, int | float) and self.grad_clip > 0),
-            "grad_clip", self.grad_clip, "null or a number > 0",
-        )  # fmt: skip
-        require_int("stage", "eval_every", self.eval_every, 0)
+        if self.grad_clip is not None:
+            check_number("grad_clip", self.grad_clip, 0, 1e6, "null or a number in (0, 1e6]", open_lo=True)
 
 
 @dataclass(frozen=True)
@@ -355,20 +357,20 @@ class Recipe:
     text: TextConfig | None = None
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.methods, list | tuple), "methods", self.methods, "a list of {name: ..., ...} mappings")
         object.__setattr__(self, "methods", tuple(self.methods))
         _check(self.task in TASKS, "task", self.task, f"one of {TASKS}")
-        _check(isinstance(self.device, str) and self.device.split(":")[0] in ("cpu", "cuda"), "device",
-               self.device, "cpu or cuda (cuda:N)")  # fmt: skip
+        _check(isinstance(self.name, str), "name", self.name, "a string")
+        _check(isinstance(self.device, str) and DEVICE.fullmatch(self.device) is not None, "device",
+               self.device, "cpu, cuda or cuda:N (N from 0 to 1023)")  # fmt: skip
         if self.task == "causal_lm" and self.text is None:
             object.__setattr__(self, "text", TextConfig())
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
-        _check(_is_int(self.calib_batches) and self.calib_batches >= 1, "calib_batches", self.calib_batches, ">= 1")
-        _check(
-            _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
-            "checkpoint_every",
-            self.checkpoint_every,
-            "an integer >= 0",
-        )
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("calib_batches", self.calib_batches, 1, MAX_CALIB_BATCHES)
+        check_int("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS, f"an integer from 0 to {MAX_STEPS:_}")
+        if self.threads is not None:
+            allowed = f"null (torch's default) or an integer from 1 to {MAX_THREADS}"
+            check_int("threads", self.threads, 1, MAX_THREADS, allowed)
         for m in self.methods:
             _check(isinstance(m, dict) and "name" in m, "methods", m, "a list of {name: ..., ...} mappings")
 
@@ -468,10 +470,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist: pass a YAML file or a name from `lowbit recipes`")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    data = read_yaml(p, f"recipe {str(path)!r}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", p.stem)

@@ -37,6 +37,7 @@ from lowbit.checkpoint import atomic_write_text
 from lowbit.errors import ConfigError
 from lowbit.figures import Row, Section, html_table, num
 from lowbit.figures import figure as _figure
+from lowbit.validate import parse_yaml
 
 __all__ = ["write_report"]
 
@@ -226,8 +227,8 @@ def _read(path: Path, parse: Any, notes: list[str]) -> Any:
         return None
     try:
         return parse(path.read_text(errors="replace"))
-    except (ValueError, yaml.YAMLError) as e:
-        notes.append(f"{path.name} could not be read: {str(e).splitlines()[0]}")
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        notes.append(f"{path.name} could not be read: {(str(e).splitlines() or [type(e).__name__])[0]}")
         return None
 
 
@@ -264,7 +265,7 @@ def write_report(run_dir: Path) -> Path:
         notes.append("The run is unfinished (no summary.json yet): this report shows the evaluations so far.")
     summary = summary if isinstance(summary, dict) else {}
     config_text = _read(run_dir / "config.yaml", str, notes) or ""
-    config = _read(run_dir / "config.yaml", yaml.safe_load, [])
+    config = _read(run_dir / "config.yaml", lambda text: parse_yaml(text, "config.yaml"), [])
     name = summary.get("recipe") or (config.get("name") if isinstance(config, dict) else None) or run_dir.name
     metric = str(summary.get("metric_name") or "accuracy")
 

@@ -21,12 +21,18 @@ models, ``other_perplexity``), plus ``train_loss`` and ``lr`` while training and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
+import os
+import re
 import resource
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +41,26 @@ import yaml
 from torch import nn
 
 from lowbit.api import convert, prepare
-from lowbit.checkpoint import atomic_write_text
+from lowbit.checkpoint import atomic_write_text, remove_stale_temp_files
 from lowbit.config import Recipe, recipe_to_dict
-from lowbit.errors import FormatError
+from lowbit.errors import ConfigError, FormatError
 from lowbit.export.io import save
 from lowbit.methods import attach_methods, build_methods, call_hooks
 from lowbit.quant.modules import quantized_layers
 from lowbit.quant.quantizer import Quantizer
 from lowbit.tasks import build_task
-from lowbit.train import Stage, append_metrics, split_parameters, stage_steps, train_stage, truncate_metrics
+from lowbit.train import (
+    Stage,
+    append_metrics,
+    config_difference,
+    split_parameters,
+    stage_steps,
+    train_stage,
+    truncate_metrics,
+)
+from lowbit.validate import read_yaml
 
-__all__ = ["run", "float_bytes", "payload_bytes", "weight_bits", "config_difference"]
+__all__ = ["run", "float_bytes", "payload_bytes", "weight_bits", "check_run_name", "runs_child", "run_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -101,47 +116,84 @@ def weight_bits(model: nn.Module) -> float | None:
     return None if total == 0 else bits / total
 
 
-def config_difference(old: Any, new: Any, path: str = "") -> str | None:
-    """The first dotted key where two plain-data configs differ, with both values; None if equal."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(old) + [k for k in new if k not in old]:
-            where = f"{path}.{k}" if path else str(k)
-            if k not in old or k not in new:
-                return f"{where}: {old.get(k, '(absent)')!r} in the run, {new.get(k, '(absent)')!r} now"
-            diff = config_difference(old[k], new[k], where)
-            if diff:
-                return diff
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            diff = config_difference(a, b, f"{path}[{i}]")
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{path}: {old!r} in the run, {new!r} now"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}")
 
 
-def _start(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+def check_run_name(name: str, field: str = "name") -> str:
+    """``name`` if it is a safe single path component for a run directory, else a ``ConfigError``."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{field}={name!r} is not allowed: a run name is one folder name of letters, digits and . _ - + = , "
+            "(at most 128 characters, starting with a letter or digit; no /, no ..)"
+        )
+    return name
+
+
+def runs_child(runs: Path, name: str, field: str = "name") -> Path:
+    """``runs/name`` for a checked ``name``, refusing a ``runs`` that is a file."""
+    runs = Path(runs)
+    if runs.exists() and not runs.is_dir():
+        raise ConfigError(f"--runs={str(runs)!r} is a file, not a folder: pass the folder that holds runs")
+    return runs / check_run_name(name, field)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` for the whole run: a second run there is refused, naming the holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = recipe_to_dict(recipe)
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is in use ({holder}): wait for that run, or pass --name to start another"
+        ) from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _start(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> dict[str, Any]:
+    """Check the run directory against this run (under its lock); write config.yaml; returns the resolved recipe."""
+    resolved = json.loads(json.dumps(recipe_to_dict(recipe)))
     config_path = run_dir / "config.yaml"
+    for folder in (run_dir, run_dir / "checkpoints"):
+        remove_stale_temp_files(folder)
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.safetensors"))
+    if not resume and not force and (checkpoints or (run_dir / "summary.json").exists()):
+        what = "a finished run" if (run_dir / "summary.json").exists() else "the checkpoints of an unfinished run"
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} holds {what}: pass --resume to continue it, --force to start over "
+            "(deleting its checkpoints and results), or --name to run elsewhere"
+        )
     if resume and config_path.exists():
         try:
-            old = yaml.safe_load(config_path.read_text())
-        except yaml.YAMLError as e:
-            raise FormatError(f"{config_path} is not valid YAML ({e}): start a new run") from None
-        diff = config_difference(old, json.loads(json.dumps(resolved)))
+            old = read_yaml(config_path, f"run config {str(config_path)!r}")
+        except ConfigError as e:
+            raise FormatError(f"{e}: start over with --force") from None
+        diff = config_difference(old, resolved)
         if diff:
             raise FormatError(
                 f"{config_path} differs from this recipe at {diff}: resume with the same recipe and overrides, "
-                "or start a new run"
+                "or start over with --force"
             )
     if not resume:
-        for stale in ("metrics.jsonl", "summary.json"):
+        for stale in ("metrics.jsonl", "summary.json", "model.safetensors", "model.json"):
             (run_dir / stale).unlink(missing_ok=True)
-        for ck in (run_dir / "checkpoints").glob("*.safetensors"):
+        for ck in checkpoints:
             ck.unlink()
+            ck.with_suffix(".json").unlink(missing_ok=True)
     atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    return resolved
 
 
 def _reuse_row(metrics: Path, stage: str, resume: bool) -> dict[str, Any] | None:
@@ -164,16 +216,30 @@ def _row(metrics: Path, stage: str, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe end to end into ``run_dir``; returns the summary (also written to summary.json)."""
+def run(
+    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
+) -> dict[str, Any]:
+    """Run a recipe end to end into ``run_dir``; returns the summary (also written to summary.json).
+
+    ``run_dir`` is locked for the whole run. Without ``resume`` a directory holding checkpoints or a
+    finished run is refused unless ``force`` (which deletes them: the user asked); with ``resume`` the
+    recipe must be the one the directory was written with.
+    """
+    t0 = time.perf_counter()
     build_methods(recipe.methods, total_steps=1)  # a bad method setting fails before anything is written
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     run_dir = Path(run_dir)
-    _start(recipe, run_dir, resume)
+    task = build_task(recipe)  # data and model load (or fail) before the run directory is touched
+    with run_lock(run_dir):
+        return _run(recipe, run_dir, task, resume, progress, force, t0)
+
+
+def _run(
+    recipe: Recipe, run_dir: Path, task: Any, resume: bool, progress: bool, force: bool, t0: float
+) -> dict[str, Any]:
+    resolved = _start(recipe, run_dir, resume, force)
     metrics = run_dir / "metrics.jsonl"
-    t0 = time.perf_counter()
-    task = build_task(recipe)
     metric = task.metric_name
     model = task.float_model(run_dir, resume, progress)
     float_row = _reuse_row(metrics, "float", resume) or _row(
@@ -192,7 +258,7 @@ def run(recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = Tr
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
     )
 
-    stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names))
+    stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names), resolved)
     last = train_stage(model, task, stage, methods, resume=resume)
     call_hooks(methods, "finish", model, task.method_inputs(last["step"]))
     int_model = convert(model)

@@ -38,7 +38,10 @@ from lowbit.methods import Method, call_hooks
 from lowbit.quant.modules import quantized_layers
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["Stage", "train_stage", "split_parameters", "stage_steps", "append_metrics", "truncate_metrics"]
+__all__ = [
+    "Stage", "train_stage", "split_parameters", "stage_steps", "append_metrics", "truncate_metrics",
+    "config_difference",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class Stage:
     checkpoint_every: int = 0
     progress: bool = True
     method_names: tuple[str, ...] = ()
+    recipe: dict[str, Any] | None = None  # the resolved recipe, stored in checkpoints and checked on resume
 
     @property
     def checkpoint(self) -> Path:
@@ -186,6 +190,20 @@ def truncate_metrics(path: Path, stage: str, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
+def _logged_row(path: Path, stage: str, step: int) -> dict[str, Any] | None:
+    """The evaluation row of ``stage`` at ``step`` already in ``metrics.jsonl``, if any."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(row, dict) and row.get("stage") == stage and row.get("step") == step:
+            return row
+    return None
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 
@@ -212,30 +230,92 @@ def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
     model.load_state_dict(state, strict=False)
 
 
-def _resume(model: nn.Module, opt: _Optimizers, methods: list[Method], stage: Stage) -> tuple[int, float, int]:
+def config_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The first dotted key where two plain-data configs differ, with both values; None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            where = f"{path}.{k}" if path else str(k)
+            if k not in old or k not in new:
+                return f"{where}: {old.get(k, '(absent)')!r} in the run, {new.get(k, '(absent)')!r} now"
+            diff = config_difference(old[k], new[k], where)
+            if diff:
+                return diff
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            diff = config_difference(a, b, f"{path}[{i}]")
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{path}: {old!r} in the run, {new!r} now"
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_state(state: Any, stage: Stage, opt: _Optimizers, n_methods: int, end: int) -> None:
+    """Every field the loop reads from a checkpoint, checked before any is used (``FormatError`` naming it)."""
+    where = f"checkpoint {str(stage.checkpoint)!r}"
+
+    def bad(field: str, value: Any, allowed: str) -> FormatError:
+        shown = repr(value) if not isinstance(value, dict | list | torch.Tensor) else type(value).__name__
+        return FormatError(f"{where}: {field}={shown[:80]} is not allowed: {allowed}")
+
+    if not isinstance(state, dict):
+        raise bad("state", state, "a mapping")
+    if state.get("stage") != stage.name:
+        raise bad("stage", state.get("stage"), f"{stage.name!r} (this file belongs to another stage)")
+    if stage.recipe is not None:
+        diff = config_difference(state.get("recipe"), json.loads(json.dumps(stage.recipe)))
+        if diff:
+            raise FormatError(f"{where} was written for another recipe (at {diff}): resume with the recipe it "
+                              "was written for, or start over with --force")  # fmt: skip
+    names = state.get("methods_names")
+    if not isinstance(names, list) or tuple(names) != stage.method_names:
+        raise FormatError(f"{where} was written with methods {names!r}, this recipe has {list(stage.method_names)}: "
+                          "resume with the recipe it was written for, or start over with --force")  # fmt: skip
+    step = state.get("step")
+    if not _is_count(step) or step > end:
+        raise bad("step", step, f"an integer from 0 to {end}, this stage's length")
+    loss = state.get("train_loss")
+    if not (isinstance(loss, list) and len(loss) == 2 and isinstance(loss[0], int | float) and _is_count(loss[1])
+            and math.isfinite(loss[0])):  # fmt: skip
+        raise bad("train_loss", loss, "[a finite running sum, a count]")
+    rng = state.get("rng")
+    ref = torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != ref.dtype or rng.shape != ref.shape:
+        raise bad("rng", rng, f"a {ref.dtype} tensor of shape {tuple(ref.shape)} (torch's RNG state)")
+    for field, n in (("optimizers", len(opt.opts)), ("schedulers", len(opt.scheds)), ("methods", n_methods)):
+        value = state.get(field)
+        if not isinstance(value, list) or len(value) != n or not all(isinstance(v, dict) for v in value):
+            raise bad(field, value, f"a list of {n} state mappings")
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise bad("model", weights, "a mapping of tensors")
+
+
+def _resume(
+    model: nn.Module, opt: _Optimizers, methods: list[Method], stage: Stage, end: int
+) -> tuple[int, float, int]:
     """Load ``stage``'s checkpoint, if any, into the model, optimizers, methods and RNG; (step, loss sum, count)."""
     if not stage.checkpoint.exists():
         return 0, 0.0, 0
     state = load_checkpoint(stage.checkpoint)
-    saved = tuple(state.get("methods_names", ()))
-    if saved != stage.method_names:
-        raise FormatError(
-            f"checkpoint {str(stage.checkpoint)!r} was written with methods {list(saved)}, this recipe has "
-            f"{list(stage.method_names)}: resume with the recipe it was written for, or start a new run"
-        )
+    _check_state(state, stage, opt, len(methods), end)
     try:
         _load_model_state(model, state["model"], stage.checkpoint)
         opt.load_state_dict(state)
-        for m, s in zip(methods, state.get("methods", []), strict=False):
+        for m, s in zip(methods, state["methods"], strict=True):
             m.load_state_dict(s)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
         raise FormatError(
-            f"checkpoint {str(stage.checkpoint)!r} does not fit this recipe's model ({e}); "
-            "start a new run or delete the checkpoint"
+            f"checkpoint {str(stage.checkpoint)!r} does not fit this recipe's model ({type(e).__name__}: {e}); "
+            "start over with --force"
         ) from None
     torch.set_rng_state(state["rng"])
     step = int(state["step"])
-    loss_sum, loss_count = state.get("train_loss", [0.0, 0])
+    loss_sum, loss_count = state["train_loss"]
     truncate_metrics(stage.metrics, stage.name, step)
     return step, float(loss_sum), int(loss_count)
 
@@ -256,7 +336,7 @@ def train_stage(
     total = stage_steps(cfg, bpe)
     end = min(total, cfg.max_steps) if cfg.max_steps else total
     opt = _Optimizers(model, cfg, total, methods)
-    step, loss_sum, loss_count = _resume(model, opt, methods, stage) if resume else (0, 0.0, 0)
+    step, loss_sum, loss_count = _resume(model, opt, methods, stage, end) if resume else (0, 0.0, 0)
     if step:
         log.info("resumed %s at step %d/%d from %s", stage.name, step, end, stage.checkpoint)
 
@@ -268,6 +348,7 @@ def train_stage(
                 **opt.state_dict(),
                 "methods": [m.state_dict() for m in methods],
                 "methods_names": list(stage.method_names),
+                "recipe": stage.recipe,
                 "rng": torch.get_rng_state(),
                 "step": step,
                 "stage": stage.name,
@@ -334,8 +415,8 @@ def train_stage(
         if eval_due() or (stage.checkpoint_every and step % stage.checkpoint_every == 0):
             checkpoint()
     bar.close()
-    if not last:  # a stage of 0 steps, or resumed when finished: evaluate now
-        last = eval_row()
+    if not last:  # a stage of 0 steps, or resumed when finished: its last evaluation, or one now
+        last = _logged_row(stage.metrics, stage.name, step) or eval_row()
         if end > 0 or not stage.checkpoint.exists():
             checkpoint()
     last["seconds"] = time.perf_counter() - t_start

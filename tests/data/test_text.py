@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lowbit.data import text
@@ -332,6 +333,13 @@ def test_token_cache_round_trip(tiny_tokenizer: object, tmp_path: Path, caplog: 
     counting.name_or_path = "tiny-bpe"
     assert torch.equal(tokenize_corpus(SAMPLE, counting, cache_dir=tmp_path), ids)
     assert "unreadable token cache" in caplog.text
+    # ids corrupted behind intact metadata: recomputed, never served
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file({"ids": ids.flip(0).contiguous()}, str(path), metadata=meta)
+    calls = counting.calls
+    assert torch.equal(tokenize_corpus(SAMPLE, counting, cache_dir=tmp_path), ids)
+    assert counting.calls > calls and "mismatched token cache" in caplog.text
 
 
 # --------------------------------------------------------------------------- real corpora (skip if absent)

@@ -169,7 +169,8 @@ def tokenize_corpus(
         try:
             with safe_open(str(path), framework="pt") as f:
                 ids, meta = f.get_tensor("ids"), f.metadata() or {}
-            if ids.dtype == torch.int64 and ids.dim() == 1 and meta.get("sha256") == digest:
+            ok = ids.dtype == torch.int64 and ids.dim() == 1 and meta.get("sha256") == digest
+            if ok and meta.get("ids_sha256") == _ids_digest(ids):  # the ids themselves, not only their key
                 return ids
             log.warning("ignoring mismatched token cache %s", path)
         except (OSError, SafetensorError) as e:
@@ -180,9 +181,14 @@ def tokenize_corpus(
     ]
     ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
     meta = {**key, "format_version": FORMAT_VERSION, "sha256": digest, "chars": str(len(text))}
+    meta["ids_sha256"] = _ids_digest(ids)
     _write_atomic(path, lambda tmp: save_file({"ids": ids}, tmp, metadata=meta))
     log.info("tokenized %d chars into %d ids (%s), cached in %s", len(text), len(ids), key["tokenizer"], path)
     return ids
+
+
+def _ids_digest(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _check_int(field: str, value: object, minimum: int) -> None:

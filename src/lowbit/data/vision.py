@@ -39,6 +39,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -188,8 +189,10 @@ def _normalise(train_u8: np.ndarray, test_u8: np.ndarray) -> tuple[torch.Tensor,
     total = counts.sum()
     mean = float((counts * levels).sum() / total)
     std = float(np.sqrt((counts * (levels - mean) ** 2).sum() / total))
-    if std == 0.0:
-        raise ValueError("training images are constant: cannot normalise (std = 0)")
+    if not std > 0.0:
+        raise DatasetMissingError(
+            "the training images are all one constant value: the dataset files are damaged (reinstall them)"
+        )
     lut = ((levels - mean) / std).astype(np.float32)  # value of each of the 256 pixel levels
 
     def convert(u8: np.ndarray) -> torch.Tensor:
@@ -211,6 +214,7 @@ def _labels(y: np.ndarray, path: object) -> torch.Tensor:
 # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then
 # one big-endian uint32 size per dimension.
 _IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 1 << 30  # far above any dataset here (Fashion-MNIST's images: 47 MB)
 
 
 def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
@@ -220,12 +224,21 @@ def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
     the payload size is wrong, or the gzip stream is damaged.
     """
     path = Path(path)
+    header = 4 + 4 * ndim
     try:
         with gzip.open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(header)
+            if len(raw) == header and raw[:4] == bytes((0, 0, _IDX_UBYTE, ndim)):
+                shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+                size = math.prod(shape)  # Python ints: a hostile header cannot wrap it
+                if size > MAX_IDX_BYTES:
+                    raise DatasetMissingError(
+                        f"{path}: IDX header declares shape {shape} ({size:,} bytes), over the "
+                        f"{MAX_IDX_BYTES:,}-byte limit; reinstall the dataset"
+                    )
+                raw += f.read(size + 1)  # one byte more than declared shows a longer payload
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise DatasetMissingError(f"{path}: cannot read gzip stream ({e}); reinstall the dataset") from e
-    header = 4 + 4 * ndim
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
         raise DatasetMissingError(
             f"{path}: bad IDX magic {raw[:4].hex() or '(empty)'}: expected 000008{ndim:02x} "
@@ -233,8 +246,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
         )
     if len(raw) < header:
         raise DatasetMissingError(f"{path}: IDX header truncated ({len(raw)} bytes, need {header})")
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64))
+    expected = header + math.prod(shape)
     if len(raw) != expected:
         raise DatasetMissingError(
             f"{path}: IDX size mismatch: header says shape {shape} ({expected} bytes), file has {len(raw)}"
@@ -310,6 +322,8 @@ def _parse_digits(root: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DatasetMissingError(f'{path}: not a {{"data": [...]}} JSON file ({e})') from e
         if flat.ndim != 1 or flat.size % (IMAGE_SIZE * IMAGE_SIZE) or flat.size == 0:
             raise DatasetMissingError(f"{path}: {flat.size} values is not a whole number of 784-pixel images")
+        if not np.isfinite(flat).all():
+            raise DatasetMissingError(f"{path}: pixel values must be finite numbers in [0, 1], found NaN or inf")
         if flat.min() < 0.0 or flat.max() > 1.0:
             raise DatasetMissingError(f"{path}: pixel values must lie in [0, 1], found {flat.min()}..{flat.max()}")
         images.append(np.rint(flat * 255.0).astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE))

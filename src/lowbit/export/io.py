@@ -14,21 +14,36 @@ and in the safetensors metadata, under ``"lowbit"``, one JSON object::
                                         | {"hf_class": "LlamaForCausalLM", "hf_config": {...}} | null,
      "layers": {L: {"kind": "linear" | "conv2d", "shape": [...], "bits": 4, "signed": true,
                     "granularity": "channel", "axis": 0, "group_size": null,
-                    "input": {"bits", "signed", "symmetric", "granularity", "axis"} | null}},
+                    "input": {"bits", "signed", "symmetric", "granularity", "axis"} | null,
+                    "adapter": {"rank", "alpha"} (QLoRA-style float adapters: L.lora_a, L.lora_b), optional}},
+     "aliases": {name: name of the tensor it shares storage with (tied embeddings)}, optional,
      "sha256": digest of the metadata (without this field) and of every tensor's name, dtype, shape, bytes}
 
-``model.json`` beside the file repeats the metadata for people; ``load`` never reads it. ``load``
-rebuilds the architecture from the registry (or takes the float skeleton the caller passes), swaps in
-integer layers, checks every name, dtype and shape, and verifies the digest, so a truncated, damaged or
-tampered file raises ``FormatError`` naming what is wrong instead of loading a silently wrong model.
-Writing is atomic (temporary file, fsync, rename). No pickle anywhere.
+``model.json`` beside the file repeats the metadata for people; ``load`` never reads it. Writing is
+atomic (temporary file, fsync, rename). No pickle anywhere.
+
+``load`` takes the file for input from anyone (``lowbit.export.checks`` holds the limits): it parses the
+metadata within limits and checks every field, verifies the digest, builds the declared architecture
+(a registry model, or one of a few Hugging Face classes with a config that cannot make transformers
+import code or reach the network) on the meta device, checks its size against the file's and every
+name, dtype and shape against the file's tensors, and only then gives it memory: the file's own
+tensors, and the buffers a model computes (rotary frequencies) from a second build whose parameters stay
+on the meta device. Scales must be positive, zero points integers on the grid. A truncated, damaged,
+tampered or hostile file raises ``FormatError`` naming the file and the field, never a silently wrong
+model, and a 14 KB file cannot make it allocate gigabytes. The caller's own skeleton (``model=``) is
+trusted as an architecture, and the file is checked against it the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
+import math
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +52,30 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lowbit.checkpoint import atomic_write_text
+from lowbit.checkpoint import atomic_write_text, digest
 from lowbit.config import QuantSpec
 from lowbit.errors import ConfigError, FormatError
+from lowbit.export.checks import (
+    MAX_ENTRIES,
+    check_hf_config,
+    check_memory,
+    check_metadata,
+    check_qparams,
+    parameters_on_meta,
+    parse_metadata,
+    registration_limit,
+)
 from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear, IntWeight, LowRankAdapter
 from lowbit.export.pack import pack, unpack
 from lowbit.quant.functional import int_dtype, int_range
 from lowbit.quant.quantizer import Quantizer
+from lowbit.validate import is_int
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
-
-
-def _digest(meta: dict[str, Any], tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for k in sorted(tensors):
-        t = tensors[k].contiguous()
-        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _quantizer_meta(q: Quantizer) -> dict[str, Any]:
@@ -108,10 +127,11 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
             tensors[f"{name}.lora_b"] = adapter.lora_b.detach().float().contiguous()
         iq = mod.input_quantizer
         entry["input"] = None if iq is None else _quantizer_meta(iq)
-        if iq is not None:
-            tensors[f"{name}.input_scale"] = iq.scale.detach().float().contiguous()
-            if iq.zero_point is not None:
-                tensors[f"{name}.input_zero_point"] = iq.zero_point.detach().float().contiguous()
+        if iq is not None:  # the scale and zero point in use: |s| >= eps, round(clamp(z)), as in the weights'
+            scale, zero_point = iq.export_qparams()
+            tensors[f"{name}.input_scale"] = scale.float().contiguous()
+            if zero_point is not None:
+                tensors[f"{name}.input_zero_point"] = zero_point.float().contiguous()
         layers[name] = entry
     aliases: dict[str, str] = {}  # tied tensors (e.g. embeddings and LM head) are stored once
     first: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
@@ -128,7 +148,7 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "architecture": arch, "layers": layers}
     if aliases:
         meta["aliases"] = aliases
-    meta["sha256"] = _digest(meta, tensors)
+    meta["sha256"] = digest(meta, tensors)
     text = json.dumps(meta, separators=(",", ":"))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -152,25 +172,6 @@ def _architecture_of(model: nn.Module) -> dict[str, Any] | None:
     return arch
 
 
-def _build(arch: dict[str, Any]) -> nn.Module:
-    if "registry" in arch:
-        from lowbit.models import build_model
-
-        return build_model(arch["registry"], **arch.get("args", {}))
-    if "hf_class" in arch:
-        try:
-            import transformers
-        except ImportError:
-            raise ConfigError('this file holds a Hugging Face model: pip install "lowbit[llm]"') from None
-        cls = getattr(transformers, str(arch["hf_class"]), None)
-        if cls is None or not str(arch["hf_class"]).endswith(("ForCausalLM", "Model")):
-            raise FormatError(f"architecture class {arch['hf_class']!r} is not a transformers model class")
-        cfg = dict(arch["hf_config"])
-        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        return cls(config)
-    raise FormatError(f"architecture {sorted(arch)} is neither a registry model nor a Hugging Face config")
-
-
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """safetensors refuses tensors that share memory: copy the later ones."""
     seen: set[int] = set()
@@ -191,25 +192,36 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("lowbit")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            names = list(f.keys())  # noqa: SIM118 - safe_open has no __iter__
+            tensors = {k: f.get_tensor(k) for k in names} if len(names) <= MAX_ENTRIES else {}
     except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
         raise FormatError(f"model file {str(path)!r} is not a readable safetensors file ({e})") from None
+    if len(names) > MAX_ENTRIES:
+        raise FormatError(f"model file {str(path)!r} holds {len(names):_} tensors: at most {MAX_ENTRIES:_} are allowed")
     if raw is None:
         raise FormatError(f"model file {str(path)!r} has no lowbit metadata: not saved by lowbit.save")
     try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"model file {str(path)!r} has unreadable metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
+        meta = parse_metadata(raw)
+    except FormatError as e:
+        raise FormatError(f"model file {str(path)!r} has unreadable metadata: {e}") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if not is_int(version) or version != FORMAT_VERSION:  # 1.0 and true equal 1 in Python
         raise FormatError(
             f"model file {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION}"
         )
-    digest = meta.pop("sha256", None)
-    if digest != _digest(meta, tensors):
+    claimed = meta.pop("sha256", None)
+    try:
+        intact = claimed == digest(meta, tensors)
+    except (RuntimeError, TypeError, ValueError) as e:  # a dtype without a byte view, say
+        raise FormatError(f"model file {str(path)!r} holds tensors lowbit cannot read ({e})") from None
+    if not intact:
         raise FormatError(
             f"model file {str(path)!r} fails its sha256 check: it was damaged or altered after saving"
         )
+    try:
+        check_metadata(meta, len(tensors))
+    except FormatError as e:
+        raise FormatError(f"model file {str(path)!r} has invalid metadata: {e}") from None
     return meta, tensors
 
 
@@ -236,14 +248,17 @@ def _input_quantizer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor]
         raise FormatError(
             f"tensor {name}.input_scale has shape {tuple(scale.shape)}, expected {tuple(q.scale.shape)}"
         )
+    zp = None if spec["symmetric"] else _take(tensors, f"{name}.input_zero_point", torch.float32, tuple(scale.shape))
+    check_qparams(f"{name}.input", scale, zp, *int_range(spec["bits"], spec["signed"]))
     q.scale.copy_(scale)
-    if not spec["symmetric"]:
-        q.zero_point.copy_(_take(tensors, f"{name}.input_zero_point", torch.float32, tuple(scale.shape)))
+    if zp is not None:
+        q.zero_point.copy_(zp)
     q.initialized.fill_(True)
     return q.eval()
 
 
 def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """The integer layer ``spec`` (checked by ``check_metadata``) describes, from the file's tensors."""
     kind = spec["kind"]
     want = nn.Linear if kind == "linear" else nn.Conv2d
     if not isinstance(float_mod, want):
@@ -259,10 +274,10 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         w = _take(tensors, f"{name}.weight", float_mod.weight.dtype, shape)
         qweight = IntWeight(None, None, None, 32, True, "tensor", 0, None, iq, w)
     else:
-        signed, numel = bool(spec["signed"]), int(torch.Size(shape).numel())
+        signed, numel = spec["signed"], math.prod(shape)
         qmin, qmax = int_range(bits, signed)
         zkey = f"{name}.weight_zero_point"
-        probe = Quantizer(  # for the scale's shape, and to validate the spec
+        probe = Quantizer(  # for the scale's shape
             QuantSpec(
                 bits=bits, symmetric=zkey not in tensors, granularity=spec["granularity"],
                 group_size=spec["group_size"], axis=spec["axis"], signed=signed, learn_scale=False,
@@ -272,9 +287,8 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         packed = _take(tensors, f"{name}.weight_packed", torch.uint8, None)
         q = unpack(packed, bits, signed, numel).reshape(shape).to(int_dtype(qmin, qmax))
         scale = _take(tensors, f"{name}.weight_scale", torch.float32, tuple(probe.scale.shape))
-        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise FormatError(f"tensor {name}.weight_scale has non-positive or non-finite values")
         zp = _take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
+        check_qparams(f"{name}.weight", scale, zp, qmin, qmax)
         qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq)
     bkey = f"{name}.bias"
     bias = None
@@ -283,83 +297,154 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         bias = nn.Parameter(b, requires_grad=False)
     elif bkey in tensors:
         raise FormatError(f"tensor {bkey!r} is in the file but layer {name!r} of the model has no bias")
-    if kind == "linear":
-        adapter = _adapter(name, spec, shape, tensors)
-        return IntLinear(float_mod.in_features, float_mod.out_features, qweight, bias, adapter)
-    if "adapter" in spec:
-        raise FormatError(f"layer {name!r} is a conv2d with an adapter: only linear layers have adapters")
-    return IntConv2d(float_mod, qweight, bias)
+    if kind == "conv2d":
+        return IntConv2d(float_mod, qweight, bias)
+    adapter = None
+    if "adapter" in spec:  # float adapters beside the integers (the QLoRA-style baseline)
+        rank = spec["adapter"]["rank"]
+        lora_a = _take(tensors, f"{name}.lora_a", torch.float32, (shape[0], rank))
+        lora_b = _take(tensors, f"{name}.lora_b", torch.float32, (rank, shape[1]))
+        adapter = LowRankAdapter(lora_a, lora_b, float(spec["adapter"]["alpha"]))
+    return IntLinear(float_mod.in_features, float_mod.out_features, qweight, bias, adapter)
 
 
-def _adapter(
-    name: str, spec: dict[str, Any], shape: tuple[int, ...], tensors: dict[str, Tensor]
-) -> LowRankAdapter | None:
-    a = spec.get("adapter")
-    if a is None:
-        return None
-    if not isinstance(a, dict) or set(a) != {"rank", "alpha"}:
-        raise FormatError(f"layer {name!r}: adapter={a!r}; expected {{'rank': int, 'alpha': number}}")
-    rank, alpha = a["rank"], a["alpha"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(shape):
-        raise FormatError(f"layer {name!r}: adapter rank={rank!r}; allowed an int in 1..{min(shape)}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise FormatError(f"layer {name!r}: adapter alpha={alpha!r}; allowed a number > 0")
-    lora_a = _take(tensors, f"{name}.lora_a", torch.float32, (shape[0], rank))
-    lora_b = _take(tensors, f"{name}.lora_b", torch.float32, (rank, shape[1]))
-    return LowRankAdapter(lora_a, lora_b, float(alpha))
+def _inside(key: str, names: dict[str, Any]) -> bool:
+    """Whether the state_dict key ``key`` belongs to one of the modules ``names``."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))
+
+
+def _fill(model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """Swap the file's integer layers into ``model`` and load every other tensor, each checked.
+
+    A skeleton on the meta device takes the file's tensors themselves (``assign``; tied parameters stay
+    one parameter); a materialized one has them copied in.
+    """
+    layers, aliases = meta["layers"], meta.get("aliases", {})
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        if name not in modules:
+            raise FormatError(f"layer {name!r} of the file does not exist in the model")
+        model.set_submodule(name, _int_layer(name, spec, modules[name], tensors))
+    for k, target in aliases.items():
+        if k in tensors or target not in tensors:
+            raise FormatError(f"alias {k!r} -> {target!r}: aliases name tensors the file holds under another name")
+        tensors[k] = tensors[target]
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not _inside(k, layers)}
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise FormatError(f"tensors missing from the file: {missing[:5]}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise FormatError(f"tensors in the file that the model does not have: {extra[:5]}")
+    assign = any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+    state: dict[str, Tensor] = {}
+    converted: dict[int, Tensor] = {}  # by id of the file's tensor: aliases stay one tensor
+    for k, ref in expected.items():
+        t = tensors[k]
+        if t.shape != ref.shape:
+            raise FormatError(f"tensor {k!r} has shape {tuple(t.shape)} in the file, {tuple(ref.shape)} in the model")
+        if t.dtype != ref.dtype and not (t.dtype.is_floating_point and ref.dtype.is_floating_point):
+            raise FormatError(f"tensor {k!r} has dtype {t.dtype} in the file, {ref.dtype} in the model")
+        if id(t) not in converted:  # a float tensor takes the model's float dtype, as a copy into it would
+            cast = t.to(ref.dtype)
+            param = assign and isinstance(ref, nn.Parameter)
+            converted[id(t)] = nn.Parameter(cast, requires_grad=ref.requires_grad) if param else cast
+        state[k] = converted[id(t)]
+    model.load_state_dict(state, strict=False, assign=assign)
+
+
+def _on_meta(model: nn.Module) -> list[str]:
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    return [k for k, t in named if t.is_meta]
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` meanwhile. A second line of defence only: huggingface_hub reads it once, when
+    first imported; what keeps transformers off the network is ``check_hf_config``."""
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+def _constructor(arch: dict[str, Any], entries: int) -> Callable[[], nn.Module]:
+    """What builds the architecture ``arch`` (checked by ``check_metadata``) declares; builds nothing yet."""
+    if "registry" in arch:
+        from lowbit.models import build_model
+
+        return partial(build_model, arch["registry"], **arch.get("args", {}))
+    with _offline():
+        try:
+            import transformers
+        except ImportError:
+            raise ConfigError('this file holds a Hugging Face model: pip install "lowbit[llm]"') from None
+        cls = getattr(transformers, arch["hf_class"])  # one of HF_CLASSES
+    fields = set(cls.config_class().to_dict())
+    kwargs, unknown = check_hf_config(arch["hf_class"], arch["hf_config"], fields, entries)
+    if unknown:
+        log.info("ignored: keys a %s config of transformers %s does not define: %s",
+                 arch["hf_class"], transformers.__version__, unknown)  # fmt: skip
+    return lambda: cls(cls.config_class(**kwargs))
+
+
+def _build(construct: Callable[[], nn.Module], entries: int, *, meta: bool) -> nn.Module:
+    """The declared model: entirely on the meta device (``meta``), or with only its parameters there."""
+    try:
+        with _offline(), torch.device("meta") if meta else parameters_on_meta(), registration_limit(entries):
+            return construct()
+    except FormatError:
+        raise
+    except Exception as e:  # the constructor of whatever a file declares may raise anything
+        raise FormatError(f"architecture cannot be built ({type(e).__name__}: {e})") from None
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The integer model saved at ``path``, in eval mode, ready to run.
 
-    Without ``model`` the architecture is rebuilt from the registry name the file records; with it,
-    ``model`` (the float architecture, e.g. a freshly built skeleton) is filled in place and returned.
+    Without ``model`` the architecture the file records is built on the meta device, checked against the
+    file (every shape, and its size against the file's) and only then given memory: the file's tensors,
+    and the buffers the model computes. With ``model`` (the float architecture, e.g. a freshly built
+    skeleton, possibly on the meta device) the file is checked against it and fills it in place.
     """
     path = Path(path)
     meta, tensors = _read(path)
+    arch = meta["architecture"]
+    if model is None and arch is None:
+        raise ConfigError(
+            f"model file {str(path)!r} records no architecture: pass the float model, lowbit.load(path, model=skeleton)"
+        )
     try:
-        arch = meta.get("architecture")
+        entries = len(tensors) + len(meta.get("aliases", {}))
         if model is None:
-            if not arch:
-                raise ConfigError(
-                    f"model file {str(path)!r} records no architecture: pass the float model, "
-                    "lowbit.load(path, model=skeleton)"
-                )
-            model = _build(arch)
-        layers = meta["layers"]
-        if not isinstance(layers, dict):
-            raise FormatError("'layers' is not a mapping")
-        modules = dict(model.named_modules())
-        for name, spec in layers.items():
-            if name not in modules:
-                raise FormatError(f"layer {name!r} of the file does not exist in the model")
-            model.set_submodule(name, _int_layer(name, spec, modules[name], tensors))
-        aliases = meta.get("aliases", {})
-        if not isinstance(aliases, dict):
-            raise FormatError("'aliases' is not a mapping")
-        for k, target in aliases.items():
-            if target not in tensors:
-                raise FormatError(f"alias {k!r} points to {target!r}, which is not in the file")
-            tensors[k] = tensors[target]
-        missing, unexpected = [], dict(tensors)
-        rest = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in layers)}
-        for k in rest:
-            if k not in unexpected:
-                missing.append(k)
-        if missing:
-            raise FormatError(f"tensors missing from the file: {missing[:5]}")
-        extra = sorted(set(unexpected) - set(rest))
-        if extra:
-            raise FormatError(f"tensors in the file that the model does not have: {extra[:5]}")
-        model.load_state_dict({**model.state_dict(), **unexpected}, strict=True)
+            construct = _constructor(arch, entries)
+            model = _build(construct, entries, meta=True)
+            check_memory(model, path.stat().st_size)
+            _fill(model, meta, tensors)
+            computed = _on_meta(model)  # non-persistent buffers (rotary frequencies): from a second build
+            if computed:
+                donor = _build(construct, entries, meta=False)
+                for k in computed:
+                    owner, _, attr = k.rpartition(".")
+                    setattr(model.get_submodule(owner), attr, donor.get_buffer(k))
+        else:
+            _fill(model, meta, tensors)
     except FormatError as e:
-        raise FormatError(f"model file {str(path)!r} does not fit: {e}") from None
+        raise FormatError(f"model file {str(path)!r}: {e}") from None
     except ConfigError as e:
-        if "records no architecture" in str(e):
-            raise
         raise FormatError(f"model file {str(path)!r} has invalid settings: {e}") from None
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, ArithmeticError, ImportError,
+            OSError) as e:  # fmt: skip
         raise FormatError(
             f"model file {str(path)!r} has inconsistent metadata or tensors ({type(e).__name__}: {e})"
         ) from None
+    left = _on_meta(model)
+    if left:
+        raise ConfigError(f"the model's tensors {left[:5]} are on the meta device and not in {str(path)!r}")
     return model.eval()

@@ -28,11 +28,11 @@ class MLP(nn.Module):
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        require_int("MLP", "width", width, 1)
-        require_int("MLP", "depth", depth, 0)
-        require_int("MLP", "num_classes", num_classes, 2)
-        require_int("MLP", "in_channels", in_channels, 1)
-        require_int("MLP", "image_size", image_size, 1)
+        require_int("MLP", "width", width, 1, 65_536)
+        require_int("MLP", "depth", depth, 0, 256)
+        require_int("MLP", "num_classes", num_classes, 2, 100_000)
+        require_int("MLP", "in_channels", in_channels, 1, 1024)
+        require_int("MLP", "image_size", image_size, 1, 4096)
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):

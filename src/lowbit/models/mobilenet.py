@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit.config import require_int
 from lowbit.errors import ConfigError
+from lowbit.validate import show
 
 # (expansion t, output channels c, repeats n, first stride s) at width_mult = 1; t of stage 0 is 1.
 STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -93,12 +94,12 @@ class MobileNetV2(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(width_mult, bool) or not isinstance(width_mult, int | float) or not 0 < width_mult <= 8:
-            raise ConfigError(f"MobileNetV2: width_mult={width_mult!r}; allowed a number in (0, 8]")
+            raise ConfigError(f"MobileNetV2: width_mult={show(width_mult)}; allowed a number in (0, 8]")
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
-            raise ConfigError(f"MobileNetV2: dropout={dropout!r}; allowed a number in [0, 1)")
-        require_int("MobileNetV2", "expand_ratio", expand_ratio, 1)
-        require_int("MobileNetV2", "num_classes", num_classes, 2)
-        require_int("MobileNetV2", "in_channels", in_channels, 1)
+            raise ConfigError(f"MobileNetV2: dropout={show(dropout)}; allowed a number in [0, 1)")
+        require_int("MobileNetV2", "expand_ratio", expand_ratio, 1, 64)
+        require_int("MobileNetV2", "num_classes", num_classes, 2, 100_000)
+        require_int("MobileNetV2", "in_channels", in_channels, 1, 1024)
 
         channels = make_divisible(STEM_CHANNELS * width_mult)
         blocks: list[nn.Module] = [_conv_bn(in_channels, channels, 3, 2)]

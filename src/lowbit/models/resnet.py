@@ -24,6 +24,7 @@ from torch import nn
 
 from lowbit.config import require_int
 from lowbit.errors import ConfigError
+from lowbit.validate import show
 
 
 class BasicBlock(nn.Module):
@@ -60,13 +61,13 @@ class ResNet(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        require_int("ResNet", "width", width, 1)
-        require_int("ResNet", "num_classes", num_classes, 2)
-        require_int("ResNet", "in_channels", in_channels, 1)
-        if isinstance(blocks, str | bytes) or not isinstance(blocks, Sequence) or len(blocks) == 0:
-            raise ConfigError(f"ResNet: blocks={blocks!r}; allowed a non-empty sequence of ints >= 1")
+        require_int("ResNet", "width", width, 1, 4096)
+        require_int("ResNet", "num_classes", num_classes, 2, 100_000)
+        require_int("ResNet", "in_channels", in_channels, 1, 1024)
+        if isinstance(blocks, str | bytes) or not isinstance(blocks, Sequence) or not 1 <= len(blocks) <= 6:
+            raise ConfigError(f"ResNet: blocks={show(blocks)}; allowed 1 to 6 stages, each an int from 1 to 64")
         for i, n in enumerate(blocks):
-            require_int("ResNet", f"blocks[{i}]", n, 1)
+            require_int("ResNet", f"blocks[{i}]", n, 1, 64)
         self.blocks = tuple(blocks)
         stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -33,8 +34,11 @@ def _build() -> ModuleType | None:
     flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
-    # the cache entry is specific to the source, the flags and this CPU's instruction set
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags()).hexdigest()[:10]
+    # the cache entry is specific to the source, the flags, this CPU's instruction set and the environment
+    # that links it (torch build and location, Python): two virtualenvs of one checkout keep one build each
+    # instead of rebuilding each other's
+    key = _SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags() + _environment()
+    digest = hashlib.sha256(key).hexdigest()[:10]
     log.debug("lowbit: loading the fused fake-quant kernel (built on first use per machine, about a minute)")
     return cpp_extension.load(
         name=f"lowbit_fused_fq_{digest}",
@@ -43,6 +47,12 @@ def _build() -> ModuleType | None:
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )
+
+
+def _environment() -> bytes:
+    import torch
+
+    return f"{torch.__version__}|{Path(torch.__file__).resolve().parent}|{sys.version}|{sys.prefix}".encode()
 
 
 def _cpu_flags() -> bytes:

@@ -342,6 +342,7 @@ def plot_sweep(rows: list[Row], keys: list[str], out_dir: Path, x_key: str | Non
     panels = _group(agg, _panel_keys(keys))
     paths: list[Path] = []
     for label, panel in panels.items():
+        drawn: set[int] = set()  # axes holding at least one finite point (only those get a log x axis)
         figs = {}
         for kind, ncols in (("accuracy", 1), ("gap", 2), ("ecr", 1), ("memory", 1)):
             fig = Figure(figsize=(5.5 * ncols, 4), dpi=130, layout="constrained")
@@ -353,8 +354,18 @@ def plot_sweep(rows: list[Row], keys: list[str], out_dir: Path, x_key: str | Non
             tag, marker = (f" {gk}" if gk else ""), "osD^v<>ph"[gi % 9]
 
             def line(
-                ax: Any, pts: list[Row], m: str, marker: str = marker, x: str = "num_parameters", **kw: Any
+                ax: Any,
+                pts: list[Row],
+                m: str,
+                marker: str = marker,
+                x: str = "num_parameters",
+                drawn: set[int] = drawn,
+                **kw: Any,
             ) -> None:
+                pts = [r for r in pts if math.isfinite(_num(r.get(f"{m}_mean", r.get(m)))) and _num(r[x]) > 0]
+                if not pts:  # e.g. no ECR without float networks of two sizes
+                    return
+                drawn.add(id(ax))
                 ys = [_num(r.get(f"{m}_mean", r.get(m))) for r in pts]
                 es = [r.get(f"{m}_sd", math.nan) for r in pts]
                 ax.errorbar(
@@ -399,8 +410,13 @@ def plot_sweep(rows: list[Row], keys: list[str], out_dir: Path, x_key: str | Non
                     if kind == "memory"
                     else f"parameters (swept: {x_key or 'none'})"
                 )
-                ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
-                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+                if id(ax) in drawn:
+                    ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                else:
+                    why = "ECR needs float networks of two or more sizes" if kind == "ecr" else "no finished values"
+                    ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", color="0.4")
                 if kind == "gap":
                     ax.axhline(0, color="k", lw=0.6)
                 ax.grid(alpha=0.3)

@@ -97,6 +97,8 @@ class TextTask:
         self.device = torch.device(recipe.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={recipe.device!r}: this torch has no CUDA device; use cpu")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={recipe.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
         text = load_text(recipe.data.name, "data.name")
         self.model: nn.Module | None = None
         if tokenizer is None:

@@ -8,6 +8,8 @@ resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +19,13 @@ import torch
 from torch import nn
 
 from lowbit.checkpoint import load_checkpoint, save_checkpoint
-from lowbit.config import Recipe, stage_hash
+from lowbit.config import Recipe, recipe_to_dict, stage_hash
 from lowbit.data import load_dataset
 from lowbit.data.vision import VisionData, iterate_batches, num_batches
 from lowbit.errors import ConfigError, FormatError
 from lowbit.models import build_model
 
-__all__ = ["VisionTask", "evaluate_classifier", "subset_data"]
+__all__ = ["VisionTask", "evaluate_classifier", "subset_data", "data_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,18 @@ def subset_data(data: VisionData, recipe: Recipe) -> VisionData:
     )
 
 
+def data_identity(data: VisionData) -> str:
+    """A cheap digest of what was actually loaded (sizes, every label, 64 evenly spaced images per split),
+    so a float model cached for one dataset is never reused for another with the same recipe."""
+    h = hashlib.sha256(f"{data.name}|{data.num_classes}|{data.mean!r}|{data.std!r}".encode())
+    for x, y in ((data.train_x, data.train_y), (data.test_x, data.test_y)):
+        h.update(f"{tuple(x.shape)}".encode())
+        h.update(y.numpy().tobytes())
+        idx = torch.linspace(0, x.shape[0] - 1, min(64, x.shape[0])).long() if x.shape[0] else torch.zeros(0).long()
+        h.update(x[idx].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class VisionTask:
     """Classification of ``recipe.data`` by ``recipe.model``; metric: test accuracy in %."""
 
@@ -70,6 +84,8 @@ class VisionTask:
     def __init__(self, recipe: Recipe) -> None:
         if recipe.text is not None:
             raise ConfigError("text: this section is for task: causal_lm; remove it or set task: causal_lm")
+        if recipe.device != "cpu":  # never a silent CPU run when a GPU was asked for
+            raise ConfigError(f"device={recipe.device!r}: classification runs train on cpu only for now")
         self.recipe = recipe
         self.data = subset_data(load_dataset(recipe.data.name, recipe.data.split_seed), recipe)
         self.dataset = self.data.name
@@ -92,7 +108,7 @@ class VisionTask:
         r = self.recipe
         torch.manual_seed(r.seed)
         model = self.new_model()
-        key = stage_hash(r.data, r.model, r.pretrain, r.seed)
+        key = stage_hash(r.data, r.model, r.pretrain, r.seed, data_identity(self.data))
         cache = run_dir.parent / ".cache" / f"float-{r.model.name}-{key}.safetensors"
         if cache.exists():
             try:
@@ -102,7 +118,8 @@ class VisionTask:
             except (FormatError, RuntimeError) as e:
                 log.warning("float cache %s is unusable (%s); training again", cache, e)
         if r.pretrain.epochs > 0 or r.pretrain.steps:
-            stage = Stage("pretrain", r.pretrain, run_dir, r.seed, r.checkpoint_every, progress)
+            resolved = json.loads(json.dumps(recipe_to_dict(r)))
+            stage = Stage("pretrain", r.pretrain, run_dir, r.seed, r.checkpoint_every, progress, (), resolved)
             with torch.random.fork_rng():  # the float stage leaves the global RNG as a cache hit would
                 train_stage(model, self, stage, resume=resume)
         save_checkpoint(cache, {"model": model.state_dict()})

@@ -28,9 +28,12 @@ def test_train_then_eval_tiny_recipe(tmp_path: Path) -> None:
                cwd=tmp_path)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "W4A4 accuracy" in p.stdout and "quantized size" in p.stdout
+    assert "W4A4 (W8A8 as used: the mean over layers)" in p.stdout
     run_dir = tmp_path / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dataset"] == "synthetic" and summary["weight_bits"] == 4
+    assert summary["dataset"] == "synthetic" and summary["nominal_bits"] == {"weight": 4, "act": 4}
+    # both of its linears are the first and last layers, kept at 8 bits: the summary says what was used
+    assert summary["weight_bits"] == 8 and summary["act_bits"] == 8
     assert summary["quant_metric"] > 30.0  # well above chance (10 %): it did learn
     cfg = (run_dir / "config.yaml").read_text()
     assert "train_subset: 512" in cfg and "name: synthetic" in cfg  # the overrides are in the resolved recipe

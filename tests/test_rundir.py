@@ -187,3 +187,69 @@ def test_cli_small_things(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert table[0].split()[:3] == ["run", "model", "/"] and len(table) == 3
     assert table[1].startswith("cut ") and table[1].endswith("interrupted")
     assert table[2].startswith("r ") and f"{summary['quant_metric']:.2f}" in table[2] and table[2].endswith("finished")
+
+
+def test_fuzzed_checkpoints_resume_or_raise_format_error(tmp_path: Path) -> None:
+    """300 damaged checkpoints (bytes flipped, cut, or the JSON edited and re-signed): resuming from each
+    either works or raises FormatError naming the checkpoint, never another exception."""
+    import random
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import lowbit
+    from lowbit.checkpoint import digest
+    from lowbit.config import recipe_to_dict
+    from lowbit.tasks.vision import VisionTask
+    from lowbit.train import Stage, train_stage
+
+    recipe = recipe_from_dict({**TINY, "qat": {"epochs": 1}, "pretrain": {"epochs": 0}})
+    run(recipe, tmp_path / "r", progress=False)
+    ck = tmp_path / "r" / "checkpoints" / "qat.safetensors"
+    task = VisionTask(recipe)
+    model = lowbit.prepare(task.new_model(), recipe.quant, calib=task.calib(1))
+    resolved = json.loads(json.dumps(recipe_to_dict(recipe)))
+    stage = Stage("qat", recipe.qat, tmp_path / "r", recipe.seed, 0, False, (), resolved)
+    good = ck.read_bytes()
+    with safe_open(str(ck), framework="pt") as f:
+        meta = json.loads(f.metadata()["lowbit"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    rng = random.Random(0)
+    values = [None, -1, 0, 1, 2**40, 1.5, float("inf"), "x", [], {}, [1, 2], {"__tensor__": "nope"}, True]
+
+    def leaves(node: object, path: tuple = ()) -> list[tuple]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in leaves(v, (*path, k))] or [path]
+        if isinstance(node, list):
+            return [p for i, v in enumerate(node) for p in leaves(v, (*path, i))] or [path]
+        return [path]
+
+    paths = leaves(meta["state"])
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(300):
+        kind = i % 3
+        if kind == 0:  # flipped bytes
+            blob = bytearray(good)
+            for _ in range(rng.randint(1, 8)):
+                blob[rng.randrange(len(blob))] ^= 1 << rng.randrange(8)
+            ck.write_bytes(bytes(blob))
+        elif kind == 1:  # cut short
+            ck.write_bytes(good[: rng.randrange(len(good))])
+        else:  # a field replaced and the file re-signed, as someone who knows the format would
+            state = json.loads(json.dumps(meta["state"]))
+            path = rng.choice(paths)
+            node = state
+            for key in path[:-1]:
+                node = node[key]
+            if path:
+                node[path[-1]] = rng.choice(values)
+            signed = {"format_version": meta["format_version"], "state": state, "sha256": digest(state, tensors)}
+            save_file(tensors, str(ck), metadata={"lowbit": json.dumps(signed)})
+        try:
+            train_stage(model, task, stage, [], resume=True)  # the resume path of every run
+            outcomes["ok"] += 1
+        except FormatError as e:
+            assert "qat.safetensors" in str(e) or "checkpoint" in str(e), e
+            outcomes["refused"] += 1
+        ck.write_bytes(good)
+    assert outcomes["refused"] > 150, outcomes

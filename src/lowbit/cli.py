@@ -71,6 +71,10 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
+def _bits_label(weight: float, act: float) -> str:
+    return f"W{weight:g}" + (f"A{act:g}" if act != 32 else "")
+
+
 def _fmt_metric(metric: str, v: float) -> str:
     return f"{v:.2f}%" if metric == "accuracy" else f"{v:.2f}"
 
@@ -79,8 +83,10 @@ def _print_summary(s: dict, report: Path | None = None) -> None:
     metric = s["metric_name"]
     fm, dm, qm = s["float_metric"], s["direct_metric"], s["quant_metric"]
     ratio = s["float_bytes"] / max(s["quant_bytes"], 1)
-    bits = f"W{s['weight_bits']}A{s['act_bits']}" if s["act_bits"] != 32 else f"W{s['weight_bits']}"
+    nominal = s.get("nominal_bits") or {"weight": s["weight_bits"], "act": s["act_bits"]}
+    bits, used = _bits_label(nominal["weight"], nominal["act"]), _bits_label(s["weight_bits"], s["act_bits"])
     kind = f", low-rank {s['lowrank']['variant']} rank {s['lowrank']['rank']}" if s.get("lowrank") else ""
+    kind = (f" ({used} as used: the mean over layers)" if used != bits else "") + kind
     # perplexity: lower is better, compared as a ratio
     change = ("change", f"{qm - fm:+.2f} points") if metric == "accuracy" else ("integer / float", f"{qm / fm:.2f}x")
     rows = [
@@ -236,8 +242,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if not isinstance(s, dict):
             s = {}
 
-        act = f"A{s['act_bits']}" if s.get("act_bits") not in (None, 32) else ""
-        bits = f"W{s.get('weight_bits')}{act}" if s else "–"
+        ok = all(isinstance(s.get(k), int | float) for k in ("weight_bits", "act_bits"))
+        bits = _bits_label(s["weight_bits"], s["act_bits"]) if ok else "–"
         size = f"{s['quant_bytes']:,}" if isinstance(s.get("quant_bytes"), int) else "–"
         state = "finished" if s else ("interrupted" if any((d / "checkpoints").glob("*.safetensors")) else "started")
         rows.append([d.name, f"{s.get('model', '?')} / {s.get('dataset', '?')}" if s else "–", bits,

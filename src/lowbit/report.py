@@ -175,8 +175,12 @@ def summary_rows(s: Row, rows: list[Row], metric: str) -> list[tuple[str, str]]:
         change = ("integer / float perplexity", f"{qm / fm:.2f}x" if fm else "")
     fo, qo = num(s.get("float_other_perplexity")), num(s.get("quant_other_perplexity"))
     bits = None
+    nominal = s.get("nominal_bits") if isinstance(s.get("nominal_bits"), dict) else {}
     if w and a:
-        bits = f"W{w}" + (f"A{a}" if a != 32 else " (activations float)")
+        nw, na = nominal.get("weight", w), nominal.get("act", a)
+        bits = f"W{nw}" + (f"A{na}" if na != 32 else " (activations float)")
+        if (nw, na) != (w, a):
+            bits += f"; as used, the mean over layers: W{w}" + (f"A{a}" if a != 32 else "")
         bits += f", first/last layers {fl}-bit" if fl is not None else ""
         bits += f", low-rank {lowrank.get('variant')} rank {lowrank.get('rank')}" if lowrank else ""
     out = [

@@ -60,7 +60,9 @@ from lowbit.train import (
 )
 from lowbit.validate import read_yaml
 
-__all__ = ["run", "float_bytes", "payload_bytes", "weight_bits", "check_run_name", "runs_child", "run_lock"]
+__all__ = [
+    "run", "float_bytes", "payload_bytes", "weight_bits", "act_bits", "check_run_name", "runs_child", "run_lock",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,19 @@ def payload_bytes(model: nn.Module) -> int:
             counted.add(id(t))
             total += 4 * t.numel()
     return total
+
+
+def _bits(value: float | None) -> float | int:
+    """A mean bit width as the summary records it: an int when whole, else 3 decimals; 32 for float."""
+    if value is None:
+        return 32
+    return int(value) if float(value).is_integer() else round(value, 3)
+
+
+def act_bits(model: nn.Module) -> float | None:
+    """The mean bit width of the quantized layer inputs (one per layer; None: activations stay float)."""
+    widths = [layer.input_quantizer.nbits for _, layer in quantized_layers(model) if layer.input_quantizer is not None]
+    return sum(widths) / len(widths) if widths else None
 
 
 def weight_bits(model: nn.Module) -> float | None:
@@ -282,9 +297,11 @@ def _run(
         "qat_metric": last[key],
         "quant_metric": final[key],
         "methods": names,
-        "weight_bits": wspec.bits if wspec else 32,
+        # the bit widths actually used (means over layers where they differ: first/last layers, rules)
+        "weight_bits": _bits(weight_bits(model)),
+        "act_bits": _bits(act_bits(model)),
         "mean_weight_bits": weight_bits(model),
-        "act_bits": aspec.bits if aspec else 32,
+        "nominal_bits": {"weight": wspec.bits if wspec else 32, "act": aspec.bits if aspec else 32},
         "first_last_bits": recipe.quant.first_last_bits,
         "lowrank": dataclasses.asdict(recipe.quant.lowrank) if recipe.quant.lowrank else None,
         "float_bytes": fbytes,

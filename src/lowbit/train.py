@@ -295,6 +295,26 @@ def _check_state(state: Any, stage: Stage, opt: _Optimizers, n_methods: int, end
         raise bad("model", weights, "a mapping of tensors")
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_hyperparameters(opt: _Optimizers, stage: Stage) -> None:
+    """The optimizers' numbers as loaded: finite, so a checkpoint cannot set ``lr='x'`` for the next step."""
+    where = f"checkpoint {str(stage.checkpoint)!r}"
+    for o in opt.opts:
+        for g in o.param_groups:
+            for key in ("lr", "initial_lr", "momentum", "weight_decay", "eps", "dampening"):
+                if key in g and not _finite(g[key]):
+                    raise FormatError(f"{where}: optimizer {key}={g[key]!r} is not a number")
+            betas = g.get("betas", (0.9, 0.999))
+            if not (isinstance(betas, list | tuple) and len(betas) == 2 and all(_finite(b) for b in betas)):
+                raise FormatError(f"{where}: optimizer betas={betas!r} is not allowed")
+    for sch in opt.scheds:
+        if not (_is_count(sch.last_epoch) and all(_finite(v) for v in sch.base_lrs)):
+            raise FormatError(f"{where}: a scheduler's step or base rates are not numbers")
+
+
 def _resume(
     model: nn.Module, opt: _Optimizers, methods: list[Method], stage: Stage, end: int
 ) -> tuple[int, float, int]:
@@ -306,9 +326,10 @@ def _resume(
     try:
         _load_model_state(model, state["model"], stage.checkpoint)
         opt.load_state_dict(state)
+        _check_hyperparameters(opt, stage)
         for m, s in zip(methods, state["methods"], strict=True):
             m.load_state_dict(s)
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise FormatError(
             f"checkpoint {str(stage.checkpoint)!r} does not fit this recipe's model ({type(e).__name__}: {e}); "
             "start over with --force"

@@ -253,3 +253,19 @@ def test_fuzzed_checkpoints_resume_or_raise_format_error(tmp_path: Path) -> None
             outcomes["refused"] += 1
         ck.write_bytes(good)
     assert outcomes["refused"] > 150, outcomes
+
+
+def test_thread_choice_respects_the_user_and_counts_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit.run import choose_threads, idle_cores
+
+    before = torch.get_num_threads()
+    try:
+        assert choose_threads(recipe_from_dict({**TINY, "threads": 1})) == "1 threads (recipe)"
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert choose_threads(recipe_from_dict(TINY)) is None and torch.get_num_threads() == before
+        n = idle_cores(0.05)
+        assert n is None or 1 <= n <= len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

@@ -117,7 +117,7 @@ def _print_summary(s: dict, report: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lowbit.run import run, runs_child
+    from lowbit.run import choose_threads, run, runs_child
 
     path = find_recipe(args.recipe)
     recipe = load_recipe(path, args.overrides)
@@ -125,6 +125,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.force:
         raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force starts over")
     print(f"run {run_dir} (recipe {path})")
+    chosen = choose_threads(recipe)  # on a shared machine, fewer threads than cores beat waiting on busy ones
+    if chosen:
+        log.info("lowbit train: %s", chosen)
     summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
     report = run_dir / "report.html"
     _print_summary(summary, report if report.is_file() else None)

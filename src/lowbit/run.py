@@ -62,6 +62,7 @@ from lowbit.validate import read_yaml
 
 __all__ = [
     "run", "float_bytes", "payload_bytes", "weight_bits", "act_bits", "check_run_name", "runs_child", "run_lock",
+    "idle_cores", "choose_threads",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,44 @@ def weight_bits(model: nn.Module) -> float | None:
             n = _weight_numel(layer)
             total, bits = total + n, bits + n * q.nbits
     return None if total == 0 else bits / total
+
+
+def idle_cores(sample_seconds: float = 0.25) -> int | None:
+    """How many of this process's cores other processes leave idle, from two samples of ``/proc/stat``
+    (None where it cannot be read). A training step's threads wait for the slowest one, so a thread on a
+    core another process keeps busy slows every step (``benchmarks/results/contention.md``)."""
+
+    def busy_idle() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields) - idle, idle
+
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        b0, i0 = busy_idle()
+        time.sleep(sample_seconds)
+        b1, i1 = busy_idle()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = (b1 - b0) + (i1 - i0)
+    machine = os.cpu_count() or cores
+    busy = machine * (b1 - b0) / total if total > 0 else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def choose_threads(recipe: Recipe) -> str | None:
+    """Set torch's thread count for a run: the recipe's ``threads``, else ``OMP_NUM_THREADS``, else the cores
+    other processes leave idle; returns what was chosen and why (for the log), None if nothing was changed."""
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+        return f"{recipe.threads} threads (recipe)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    idle, threads = idle_cores(), torch.get_num_threads()
+    if idle is None or idle >= threads:
+        return None
+    torch.set_num_threads(idle)
+    return f"{idle} of {threads} threads: other processes keep the other cores busy (set threads to override)"
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}")

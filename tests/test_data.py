@@ -208,6 +208,12 @@ def test_mnist10k_nan_pixels_are_refused(digits_dir: Path) -> None:
         load_dataset("mnist10k")
 
 
+def test_mnist10k_deeply_nested_json_is_refused(digits_dir: Path) -> None:
+    (digits_dir / "4.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DatasetMissingError, match=r"4\.json: not a"):
+        load_dataset("mnist10k")
+
+
 def test_mnist10k_stale_cache_is_rebuilt(digits_dir: Path) -> None:
     load_dataset("mnist10k")
     counts = MNIST10K_COUNTS.copy()

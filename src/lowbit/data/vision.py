@@ -318,8 +318,8 @@ def _parse_digits(root: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             with open(path, encoding="utf-8") as f:
                 flat = np.asarray(json.load(f)["data"], dtype=np.float64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DatasetMissingError(f'{path}: not a {{"data": [...]}} JSON file ({e})') from e
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise DatasetMissingError(f'{path}: not a {{"data": [...]}} JSON file ({type(e).__name__})') from None
         if flat.ndim != 1 or flat.size % (IMAGE_SIZE * IMAGE_SIZE) or flat.size == 0:
             raise DatasetMissingError(f"{path}: {flat.size} values is not a whole number of 784-pixel images")
         if not np.isfinite(flat).all():

@@ -53,6 +53,7 @@ from lowbit.train import (
     Stage,
     append_metrics,
     config_difference,
+    logged_row,
     split_parameters,
     stage_steps,
     train_stage,
@@ -250,20 +251,6 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> dict[str
     return resolved
 
 
-def _reuse_row(metrics: Path, stage: str, resume: bool) -> dict[str, Any] | None:
-    """The ``stage`` row of an interrupted run (so a resume does not evaluate the float model again)."""
-    if not resume or not metrics.exists():
-        return None
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("stage") == stage:
-            return row
-    return None
-
-
 def _row(metrics: Path, stage: str, row: dict[str, Any]) -> dict[str, Any]:
     truncate_metrics(metrics, stage, -1)
     append_metrics(metrics, row)
@@ -296,7 +283,7 @@ def _run(
     metrics = run_dir / "metrics.jsonl"
     metric = task.metric_name
     model = task.float_model(run_dir, resume, progress)
-    float_row = _reuse_row(metrics, "float", resume) or _row(
+    float_row = (resume and logged_row(metrics, "float")) or _row(
         metrics, "float", {"stage": "float", "step": 0, **task.evaluate(model)}
     )
     fbytes = float_bytes(model)
@@ -308,7 +295,7 @@ def _run(
     attach_methods(methods, model, names)
     task.after_prepare(model, training=total > 0)
     # direct quantization (round-to-nearest, before any QAT step): the baseline that QAT improves on
-    direct = _reuse_row(metrics, "direct", resume) or _row(
+    direct = (resume and logged_row(metrics, "direct")) or _row(
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
     )
 

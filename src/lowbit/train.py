@@ -40,7 +40,7 @@ from lowbit.quant.quantizer import Quantizer
 
 __all__ = [
     "Stage", "train_stage", "split_parameters", "stage_steps", "append_metrics", "truncate_metrics",
-    "config_difference",
+    "config_difference", "logged_row",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,8 @@ def truncate_metrics(path: Path, stage: str, step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def _logged_row(path: Path, stage: str, step: int) -> dict[str, Any] | None:
-    """The evaluation row of ``stage`` at ``step`` already in ``metrics.jsonl``, if any."""
+def logged_row(path: Path, stage: str, step: int | None = None) -> dict[str, Any] | None:
+    """The first row of ``stage`` (at ``step``, if given) already in ``metrics.jsonl``, if any."""
     if not path.exists():
         return None
     for line in path.read_text().splitlines():
@@ -199,7 +199,7 @@ def _logged_row(path: Path, stage: str, step: int) -> dict[str, Any] | None:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             continue
-        if isinstance(row, dict) and row.get("stage") == stage and row.get("step") == step:
+        if isinstance(row, dict) and row.get("stage") == stage and (step is None or row.get("step") == step):
             return row
     return None
 
@@ -437,7 +437,7 @@ def train_stage(
             checkpoint()
     bar.close()
     if not last:  # a stage of 0 steps, or resumed when finished: its last evaluation, or one now
-        last = _logged_row(stage.metrics, stage.name, step) or eval_row()
+        last = logged_row(stage.metrics, stage.name, step) or eval_row()
         if end > 0 or not stage.checkpoint.exists():
             checkpoint()
     last["seconds"] = time.perf_counter() - t_start

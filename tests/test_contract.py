@@ -44,6 +44,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "oscillation_freezing": {"momentum": 0.5, "start": 0.0, "threshold_start": 0.05, "threshold_final": 0.05},
     "bn_reestimation": {"num_batches": 2},
     "resiliency": {},
+    "qbitopt": {"average_bits": 3, "candidates": [2, 3, 4], "tau": 2, "freeze": 0.0},
 }
 STEPS = 4
 
@@ -148,6 +149,7 @@ def test_contract(model_name: str, kind: str, method: str, tmp_path: Path) -> No
         pytest.skip(f"{method} on {kind}: {why}")
     attach_methods(methods, model, [method])
     batches = spec["batches"]()
+    call_hooks(methods, "start", model, lambda s: (spec["loss"](model, b)[0] for b in [*batches[s:], *batches]), 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, "something trains"
     opt = torch.optim.AdamW(trainable, lr=0.05)

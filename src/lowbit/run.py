@@ -26,7 +26,6 @@ import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import re
 import resource
@@ -38,7 +37,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
 
 from lowbit.api import convert, prepare
 from lowbit.checkpoint import atomic_write_text, remove_stale_temp_files
@@ -46,8 +44,8 @@ from lowbit.config import Recipe, recipe_to_dict
 from lowbit.errors import ConfigError, FormatError
 from lowbit.export.io import save
 from lowbit.methods import attach_methods, build_methods, call_hooks
-from lowbit.quant.modules import quantized_layers
 from lowbit.quant.quantizer import Quantizer
+from lowbit.quant.size import act_bits, float_bytes, payload_bytes, weight_bits
 from lowbit.tasks import build_task
 from lowbit.train import (
     Stage,
@@ -62,51 +60,11 @@ from lowbit.train import (
 from lowbit.validate import read_yaml
 
 __all__ = [
-    "run", "float_bytes", "payload_bytes", "weight_bits", "act_bits", "check_run_name", "runs_child", "run_lock",
+    "run", "check_run_name", "runs_child", "run_lock",
     "idle_cores", "choose_threads",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-
-def float_bytes(model: nn.Module) -> int:
-    """Bytes of the float model's floating-point state, each storage once (a tied head is counted once)."""
-    seen: dict[int, int] = {}
-    for t in model.state_dict().values():
-        if t.is_floating_point():
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _weight_numel(layer: nn.Module) -> int:
-    w = getattr(layer, "weight", None)
-    return w.numel() if isinstance(w, torch.Tensor) else layer.out_features * layer.in_features
-
-
-def payload_bytes(model: nn.Module) -> int:
-    """Bytes of a prepared model's exported state without the file's header: each quantized weight packed
-    at its bit width with its float32 scales and zero points, input quantizers' float32 scales, float
-    adapters kept beside integers (QLoRA-style), every other parameter and floating buffer at 32 bits."""
-    total = 0
-    counted: set[int] = set()
-    for _, layer in quantized_layers(model):
-        wq, iq, n = layer.weight_quantizer, layer.input_quantizer, _weight_numel(layer)
-        if wq is None:
-            total += 4 * n
-        else:
-            total += math.ceil(wq.nbits * n / 8) + 4 * wq.scale.numel()
-            total += 4 * wq.zero_point.numel() if wq.zero_point is not None else 0
-        if iq is not None:
-            total += 4 * iq.scale.numel() * (2 if iq.zero_point is not None else 1)
-        if hasattr(layer, "base_int"):  # QLoRA-style: its float adapters are exported beside the integers
-            total += 4 * (layer.lora_a.numel() + layer.lora_b.numel())
-        bias = getattr(layer, "bias", None)
-        counted.update(id(t) for t in [*layer.parameters(), *layer.buffers()] if t is not bias)
-    for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
-        if id(t) not in counted:
-            counted.add(id(t))
-            total += 4 * t.numel()
-    return total
 
 
 def _bits(value: float | None) -> float | int:
@@ -114,23 +72,6 @@ def _bits(value: float | None) -> float | int:
     if value is None:
         return 32
     return int(value) if float(value).is_integer() else round(value, 3)
-
-
-def act_bits(model: nn.Module) -> float | None:
-    """The mean bit width of the quantized layer inputs (one per layer; None: activations stay float)."""
-    widths = [layer.input_quantizer.nbits for _, layer in quantized_layers(model) if layer.input_quantizer is not None]
-    return sum(widths) / len(widths) if widths else None
-
-
-def weight_bits(model: nn.Module) -> float | None:
-    """The mean bit width of the quantized weights, weighted by their element counts (None: none)."""
-    total = bits = 0
-    for _, layer in quantized_layers(model):
-        q = layer.weight_quantizer
-        if q is not None:
-            n = _weight_numel(layer)
-            total, bits = total + n, bits + n * q.nbits
-    return None if total == 0 else bits / total
 
 
 def idle_cores(sample_seconds: float = 0.25) -> int | None:

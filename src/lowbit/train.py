@@ -360,6 +360,9 @@ def train_stage(
     step, loss_sum, loss_count = _resume(model, opt, methods, stage, end) if resume else (0, 0.0, 0)
     if step:
         log.info("resumed %s at step %d/%d from %s", stage.name, step, end, stage.checkpoint)
+    # methods that measure the model before or while it trains (bit reallocation) get the stage's losses:
+    # losses(s) yields the task loss on each training batch from step s on, a fixed sequence per step
+    call_hooks(methods, "start", model, lambda s: (task.loss(model, b)[0] for b in task.batches(s)), step)
 
     def checkpoint() -> None:
         save_checkpoint(

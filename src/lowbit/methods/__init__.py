@@ -6,6 +6,9 @@ that distils needs them). Besides the five required calls a method may define th
 declared in the same ``Method`` Protocol, which the loop calls through ``call_hooks`` on every method
 that has them:
 
+- ``start(model, losses, step)``: runs when a stage starts or resumes at ``step``, after the methods'
+  state is loaded; ``losses(s)`` yields the task loss on each training batch from step ``s`` on (the
+  same sequence every time), for methods that measure gradients or curvature outside the training step;
 - ``metrics(model) -> dict``: diagnostics merged into each evaluation row of ``metrics.jsonl``;
 - ``before_eval(model, batches) -> bool``: runs before an evaluation (``batches`` yields training
   inputs); returns whether it changed the model, in which case the loop evaluates before and after;
@@ -39,6 +42,7 @@ class Method(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     # optional hooks (called through call_hooks only on methods that define them)
+    # def start(self, model: nn.Module, losses: Callable[[int], Iterator[Tensor]], step: int) -> None: ...
     # def metrics(self, model: nn.Module) -> dict[str, Any]: ...
     # def before_eval(self, model: nn.Module, batches: Iterable[Any]) -> bool: ...
     # def finish(self, model: nn.Module, batches: Iterable[Any]) -> None: ...
@@ -50,6 +54,7 @@ class Method(Protocol):
 def _registry() -> dict[str, Any]:
     from lowbit.methods.bn import BNReestimation
     from lowbit.methods.oscillation import OscillationDampening, OscillationFreezing, OscillationTracking
+    from lowbit.methods.qbitopt import QBitOpt
     from lowbit.methods.resiliency import Resiliency
 
     return {
@@ -58,6 +63,7 @@ def _registry() -> dict[str, Any]:
         "oscillation_freezing": OscillationFreezing,
         "bn_reestimation": BNReestimation,
         "resiliency": Resiliency,
+        "qbitopt": QBitOpt,
     }
 
 

@@ -43,10 +43,13 @@ what a small model's step time is made of. ``checkpoint=False`` is the plain aut
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lowbit.config import LowRankSpec, QuantSpec
 from lowbit.errors import ConfigError
@@ -213,6 +216,7 @@ class _LowRankQuantLinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 sign = torch.where(scale < 0, -1.0, 1.0)  # positive_scale's gradient
                 grad_s = _scale_grad(grad_w, w_int, scale, gran, gs) * sign
+            layer._call_weight_grad_hooks(grad_w)
             if layer.rank > 0 and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
                 # through dequantize (× s), clamp (1 inside the grid) and round (STE), then (α/r)·A·B
                 grad_t = dequantize_weight(grad_w * inside, s_pos, None, gran, 0, gs)
@@ -260,6 +264,19 @@ class LowRankQuantLinear(nn.Module):
         if rank > 0:
             nn.init.kaiming_uniform_(self.lora_b, a=math.sqrt(5))
         self.bias = _frozen_bias(linear)
+        # see watch_weight_grad; an OrderedDict because RemovableHandle keeps a weak reference to it
+        self.weight_grad_hooks: OrderedDict[int, Callable[[Tensor], None]] = OrderedDict()
+
+    def watch_weight_grad(self, fn: Callable[[Tensor], None]) -> RemovableHandle:
+        """Call ``fn(grad)`` with the loss's gradient w.r.t. the dequantized weight ``s·W_int`` (out, in) on
+        every backward pass that trains this layer (its scale or adapters)."""
+        handle = RemovableHandle(self.weight_grad_hooks)
+        self.weight_grad_hooks[handle.id] = fn
+        return handle
+
+    def _call_weight_grad_hooks(self, grad: Tensor) -> None:
+        for fn in list(self.weight_grad_hooks.values()):
+            fn(grad)
 
     @classmethod
     def from_float(
@@ -335,7 +352,10 @@ class LowRankQuantLinear(nn.Module):
         if self.use_checkpoint and plain_ints and torch.is_grad_enabled():
             return _LowRankQuantLinearFn.apply(x, self.lora_a, self.lora_b, q.scale, self.bias, self)
         # the same dequantization the converted IntLinear uses, so converting is exact
-        return nn.functional.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+        w = self.quantized_weight()
+        if self.weight_grad_hooks and w.requires_grad:
+            w.register_hook(self._call_weight_grad_hooks)
+        return nn.functional.linear(x, w.to(x.dtype), self.bias)
 
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:

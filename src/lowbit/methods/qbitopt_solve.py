@@ -136,6 +136,28 @@ def allocate_relaxed(
     return bits.astype(int)
 
 
+def fill(
+    c: Sequence[float] | np.ndarray,
+    w: Sequence[float] | np.ndarray,
+    f: Sequence[float] | np.ndarray,
+    budget: float,
+    start: Sequence[int] | np.ndarray,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+) -> np.ndarray:
+    """From the feasible allocation ``start`` (each entry a candidate), raise layers one candidate step at a
+    time by the largest objective gain per cost that still fits, until none fits (the rounding's fill)."""
+    c_arr, w_arr, f_arr, table, counts = _validate(c, w, f, budget, candidates, None)
+    cands = list(table[0, : counts[0]])
+    bits = np.asarray(start, dtype=float)
+    if bits.shape != c_arr.shape or not all(b in cands for b in bits):
+        raise ConfigError(f"start={np.asarray(start).tolist()}: needs one entry per layer, each one of {candidates}")
+    if not _fits(cost(w_arr, f_arr, bits), budget):
+        raise ConfigError(f"start={bits.astype(int).tolist()} costs {cost(w_arr, f_arr, bits)} > budget {budget}")
+    idx = np.array([cands.index(b) for b in bits])
+    idx = _greedy_fill(c_arr, w_arr, f_arr, budget, table, counts, idx)
+    return table[np.arange(len(idx)), idx].astype(int)
+
+
 def allocate_exact(
     c: Sequence[float] | np.ndarray,
     w: Sequence[float] | np.ndarray,

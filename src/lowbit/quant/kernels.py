@@ -11,12 +11,14 @@ gradients up to float summation order, slower.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -96,3 +98,15 @@ def set_enabled(enabled: bool) -> None:
     """Use the fused kernel (``True``, if it builds) or the torch-ops path (``False``), e.g. in tests
     and benchmarks; takes effect at the next call, without rebuilding anything."""
     _switch["on"] = bool(enabled)
+
+
+@contextlib.contextmanager
+def torch_ops() -> Iterator[None]:
+    """The torch-ops path inside the block, whatever the switch says outside it: its backward is built
+    from differentiable ops, so second derivatives (Hessian-vector products) flow through it."""
+    before = _enabled()
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(before)

@@ -12,14 +12,20 @@ Every quantized layer kind (these two, and the low-rank LR-QAT layers of ``lowbi
 offers the same surface, ``QuantLayer``, which methods, ``convert`` and the loop rely on:
 ``weight_quantizer`` / ``input_quantizer`` (either may be ``None``), ``weight_int(transform)`` (the
 integers of the weight as a float tensor with straight-through gradients, the weight's shape),
-``quantized_weight()`` (what the forward pass multiplies by) and ``set_bits(bits)``.
+``quantized_weight()`` (what the forward pass multiplies by) and ``set_bits(bits)``. Kinds whose weight
+takes part in the backward pass also offer ``watch_weight_grad(fn)``: ``fn(grad)`` is called with the
+loss's gradient w.r.t. the weight on every backward pass (sensitivities for bit reallocation); it
+returns a handle whose ``remove()`` stops it. It is not part of ``QuantLayer``: QLoRA-style layers keep
+their integers out of the graph and do not offer it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lowbit.quant.calibrate import init_range
 from lowbit.quant.quantizer import Quantizer
@@ -82,6 +88,13 @@ def _set_bits(mod: QuantLinear | QuantConv2d, bits: int) -> None:
     mod.weight_quantizer.set_bits(bits)
 
 
+def _watch_weight_grad(mod: QuantLinear | QuantConv2d, fn: Callable[[Tensor], None]) -> RemovableHandle:
+    def hook(grad: Tensor) -> None:
+        fn(grad)  # returns nothing: the gradient is left as it is
+
+    return mod.weight.register_hook(hook)
+
+
 class QuantLinear(nn.Linear):
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
@@ -105,6 +118,10 @@ class QuantLinear(nn.Linear):
 
     def set_bits(self, bits: int) -> None:
         _set_bits(self, bits)
+
+    def watch_weight_grad(self, fn: Callable[[Tensor], None]) -> RemovableHandle:
+        """Call ``fn(grad)`` with the loss's gradient w.r.t. the latent weight on every backward pass."""
+        return _watch_weight_grad(self, fn)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:
@@ -147,6 +164,10 @@ class QuantConv2d(nn.Conv2d):
 
     def set_bits(self, bits: int) -> None:
         _set_bits(self, bits)
+
+    def watch_weight_grad(self, fn: Callable[[Tensor], None]) -> RemovableHandle:
+        """Call ``fn(grad)`` with the loss's gradient w.r.t. the latent weight on every backward pass."""
+        return _watch_weight_grad(self, fn)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:

@@ -216,6 +216,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``), which every timing table names."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_line(threads: int | None = None) -> str:
     """One line naming the machine: OS, CPU count, torch version and the torch thread count."""
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

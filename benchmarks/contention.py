@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line, markdown_table  # noqa: E402
+from common import cpu_model, machine_line, markdown_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "contention.md"
 CONFIGS = {
@@ -92,16 +92,6 @@ def measure(env_extra: dict[str, str], busy: bool, steps: int) -> dict[str, floa
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -120,7 +110,7 @@ def main() -> None:
             for name in CONFIGS]  # fmt: skip
     head = ["configuration", "threads", "quiet ms / step", "vs quiet default", "busy ms / step", "vs quiet default"]
     text = "\n".join([
-        "# QAT step time on a shared machine", "", f"{machine_line()} · CPU: {_cpu_model()}", "",
+        "# QAT step time on a shared machine", "", f"{machine_line()} · CPU: {cpu_model()}", "",
         f"`python benchmarks/contention.py --steps {args.steps}`: median of {args.steps} MobileNetV2 W4A4 LSQ steps "
         "(batch 128) after 5 warm-up steps, each configuration in a fresh process; busy = one spinning Python "
         "process beside it. `lowbit train` now takes the last row's choice: the recipe's `threads`, else "

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+
+from lowbit import methods as methods_mod
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -29,3 +34,47 @@ def tiny_llama() -> Callable[..., nn.Module]:
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
 
     return build
+
+
+@dataclass(frozen=True)
+class InterruptSettings:
+    at: int
+    marker: str
+    hard: bool = False
+
+
+class Interrupt:
+    """A test method that interrupts training once at step ``at`` (like Ctrl-C, or kill -9 with ``hard``).
+
+    ``marker`` is a file created when it fires, so the resumed run passes that step.
+    """
+
+    Settings = InterruptSettings
+
+    def __init__(self, total_steps: int, at: int, marker: str, hard: bool = False) -> None:
+        self.at, self.hard, self.marker = at, hard, Path(marker)
+
+    def attach(self, model: nn.Module) -> None:
+        pass
+
+    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> None:
+        return None
+
+    def step(self, step: int) -> None:
+        if step == self.at and not self.marker.exists():
+            self.marker.touch()
+            if self.hard:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise KeyboardInterrupt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@pytest.fixture
+def interrupt_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registers ``Interrupt`` as the method ``interrupt`` for one test."""
+    monkeypatch.setitem(methods_mod.METHODS, "interrupt", Interrupt)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Interrupt
 
 from lowbit import methods as methods_mod
 from lowbit.checkpoint import load_checkpoint
@@ -30,49 +31,6 @@ TINY = {
     "qat": {"epochs": 2},
     "checkpoint_every": 3,
 }
-
-
-@dataclass(frozen=True)
-class InterruptSettings:
-    at: int
-    marker: str
-    hard: bool = False
-
-
-class Interrupt:
-    """A test method that interrupts training once at a given step (like Ctrl-C, or kill -9).
-
-    ``marker`` is a file created when it fires, so the resumed run passes that step.
-    """
-
-    Settings = InterruptSettings
-
-    def __init__(self, total_steps: int, at: int, marker: str, hard: bool = False) -> None:
-        self.at, self.hard, self.marker = at, hard, Path(marker)
-
-    def attach(self, model):  # noqa: ANN001, ANN201
-        pass
-
-    def loss(self, model, batch=None, outputs=None):  # noqa: ANN001, ANN201
-        return None
-
-    def step(self, step: int) -> None:
-        if step == self.at and not self.marker.exists():
-            self.marker.touch()
-            if self.hard:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise KeyboardInterrupt
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-@pytest.fixture
-def interrupt_method(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(methods_mod.METHODS, "interrupt", Interrupt)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -105,7 +63,8 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
         import sys
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_train import Interrupt, TINY
+        from conftest import Interrupt
+        from test_train import TINY
         from lowbit import methods
         from lowbit.config import recipe_from_dict
         from lowbit.run import run

@@ -94,12 +94,13 @@ def _plan(names: list[str], config: QuantConfig) -> Plan:
     swapped = list(plan)  # the first and last *quantized* layers, skipped ones not counted
     if fl is not None and swapped:
         first, last = swapped[0], swapped[-1]
-        if first in unruled:
+        if first in unruled:  # first_last_bits puts them on the integer grid (a binary net's first layer too)
             w, _, lr = plan[first]
-            plan[first] = (w.replace(bits=fl) if w else None, None, lr)
+            plan[first] = (w.replace(bits=fl, binary=None) if w else None, None, lr)
         if last in unruled and last != first:
             w, a, lr = plan[last]
-            plan[last] = (w.replace(bits=fl) if w else None, a.replace(bits=fl) if a else None, lr)
+            last_act = a.replace(bits=fl, binary=None) if a else None
+            plan[last] = (w.replace(bits=fl, binary=None) if w else None, last_act, lr)
     return plan
 
 

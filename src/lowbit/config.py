@@ -33,6 +33,7 @@ from lowbit.validate import (
 from lowbit.validate import check as _check
 
 __all__ = [
+    "BinarySpec",
     "QuantSpec",
     "LowRankSpec",
     "Rule",
@@ -52,6 +53,8 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "group")
+BINARY_SCALES = ("mean_abs", "learned", "one")
+BINARY_GRADS = ("clip", "approxsign")
 INITS = ("minmax", "mse", "lp")
 # Bounds that keep a run finite (see the notes of issue 12): a range-init grid search costs one fake-quant
 # pass per candidate (the papers use 100); seeds fit every seeder lowbit calls (numpy's SeedSequence,
@@ -64,6 +67,22 @@ MAX_BATCH = 1_000_000
 MAX_THREADS = 1024
 MAX_CALIB_BATCHES = 256  # calibration keeps every batch's activations in memory
 MAX_LENGTH = 1 << 20  # of a sequence, an evaluation window or a quantization group
+
+
+@dataclass(frozen=True)
+class BinarySpec:
+    """The binary grid {−s, +s}: ``y = s·sign(x)`` (sign(0) = +1), integers −1 and +1 (not the 1-bit signed
+    grid {−1, 0}). ``scale``: ``mean_abs`` (s = mean |x| per scale element, recomputed on every call, not
+    learned: XNOR/ReActNet), ``learned`` (a trained parameter, started at mean |x|), ``one`` (s = 1: batch
+    norm absorbs it; the parameter may hold ±1 itself, as under CEMA and Bop). ``grad``: the straight-through
+    gradient of sign, ``clip`` (1 where |x| ≤ 1) or ``approxsign`` (Bi-Real: 2 − 2|x| where |x| ≤ 1)."""
+
+    scale: str = "mean_abs"
+    grad: str = "clip"
+
+    def __post_init__(self) -> None:
+        _check(self.scale in BINARY_SCALES, "scale", self.scale, f"one of {BINARY_SCALES}")
+        _check(self.grad in BINARY_GRADS, "grad", self.grad, f"one of {BINARY_GRADS}")
 
 
 @dataclass(frozen=True)
@@ -82,9 +101,16 @@ class QuantSpec:
     p: float = 4.0
     num_candidates: int = 100
     grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
+    binary: BinarySpec | None = None  # the binary grid {−s, +s} instead of the integer grid (bits: 1)
 
     def __post_init__(self) -> None:
         check_int("bits", self.bits, 1, 8)
+        if self.binary is not None:
+            why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"
+            ok = self.bits == 1 and self.symmetric and self.signed is not False
+            _check(ok, "binary", self.binary, why)
+            _check(self.granularity != "group", "granularity", self.granularity,
+                   "tensor or channel with the binary grid")  # fmt: skip
         _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
         if self.granularity == "group":
             allowed = f"an integer from 1 to {MAX_LENGTH:_} when granularity='group'"

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from lowbit.api import convert, prepare
 from lowbit.checkpoint import atomic_write_text, remove_stale_temp_files
@@ -234,6 +235,12 @@ def _run(
     names = [spec["name"] for spec in recipe.methods]
     methods = build_methods(recipe.methods, total_steps=total)
     attach_methods(methods, model, names)
+
+    def load_float() -> nn.Module:  # the cached float model again (a distillation teacher), RNG untouched
+        with torch.random.fork_rng():
+            return task.float_model(run_dir, resume=True, progress=False).eval()
+
+    call_hooks(methods, "use_float_model", load_float)
     task.after_prepare(model, training=total > 0)
     # direct quantization (round-to-nearest, before any QAT step): the baseline that QAT improves on
     direct = (resume and logged_row(metrics, "direct")) or _row(

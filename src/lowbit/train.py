@@ -119,7 +119,8 @@ class _Optimizers:
 
     Parameters a method optimizes itself (its ``param_groups(model)``: torch parameter groups, each with an
     ``optimizer`` class; groups with the same class share one optimizer) leave the stage's optimizers;
-    the loop steps, clips and checkpoints the methods' optimizers with its own and schedules only its own.
+    the loop steps, clips and checkpoints the methods' optimizers with its own, and schedules them with
+    the stage's schedule (without warm-up) where a group says ``schedule: True``.
     """
 
     def __init__(self, model: nn.Module, cfg: StageConfig, total: int, methods: list[Method] | None = None) -> None:
@@ -139,8 +140,11 @@ class _Optimizers:
                 sched = _schedule(cfg.schedule, total, cfg.warmup)
                 self.scheds.append(torch.optim.lr_scheduler.LambdaLR(self.opts[-1], sched))
         for cls in dict.fromkeys(g["optimizer"] for g in own):
-            groups = [{k: v for k, v in g.items() if k != "optimizer"} for g in own if g["optimizer"] is cls]
-            self.opts.append(cls(groups))
+            mine = [g for g in own if g["optimizer"] is cls]
+            self.opts.append(cls([{k: v for k, v in g.items() if k not in ("optimizer", "schedule")} for g in mine]))
+            if any(g.get("schedule") for g in mine):  # e.g. CEMA's α, which it reads as lr · α
+                sched = _schedule(cfg.schedule, total, 0.0)
+                self.scheds.append(torch.optim.lr_scheduler.LambdaLR(self.opts[-1], sched))
         self.grad_clip = cfg.grad_clip
 
     @property

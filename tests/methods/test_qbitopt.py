@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -297,41 +296,9 @@ def test_a_run_logs_every_allocation_and_saves_each_layer_at_its_width(tmp_path:
     assert "Bit reallocation (QBitOpt)" in report and (tmp_path / "r" / "plots" / "qbitopt_bits.png").exists()
 
 
-class Interrupt:
-    """Interrupts training once, at step ``at`` (like Ctrl-C); ``marker`` records that it fired."""
-
-    @dataclass(frozen=True)
-    class Settings:
-        at: int
-        marker: str
-
-    def __init__(self, total_steps: int, at: int, marker: str) -> None:
-        self.at, self.marker = at, Path(marker)
-
-    def attach(self, model: nn.Module) -> None:
-        pass
-
-    def loss(self, model: nn.Module, batch: Any = None, outputs: Any = None) -> None:
-        return None
-
-    def step(self, step: int) -> None:
-        if step == self.at and not self.marker.exists():
-            self.marker.touch()
-            raise KeyboardInterrupt
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def test_resume_mid_run_reallocates_exactly_as_an_uninterrupted_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_mid_run_reallocates_exactly_as_an_uninterrupted_run(tmp_path: Path, interrupt_method: None) -> None:
     from lowbit.checkpoint import load_checkpoint
 
-    monkeypatch.setitem(METHODS, "interrupt", Interrupt)
     marker = tmp_path / "fired"
     # interrupted at step 8: the checkpoint of step 6 is resumed, and steps 7-8 (Fisher updates, no
     # allocation) and the allocation at 9 must come out as they would have

@@ -235,7 +235,7 @@ _INPUT = {"bits", "signed", "symmetric", "granularity", "axis"}
 
 def _check_layer(where: str, spec: Any) -> None:
     bits = spec.get("bits") if isinstance(spec, dict) else None
-    _keys(where, spec, _FLOAT_LAYER if bits == 32 else _INT_LAYER, frozenset({"adapter"}))
+    _keys(where, spec, _FLOAT_LAYER if bits == 32 else _INT_LAYER, frozenset({"adapter", "grid"}))
     kind, shape = spec["kind"], spec["shape"]
     if kind not in ("linear", "conv2d"):
         raise _fail(f"{where}.kind", kind, "'linear' or 'conv2d'")
@@ -258,20 +258,33 @@ def _check_layer(where: str, spec: Any) -> None:
                 raise _fail(f"{where}.group_size", group_size, f"a divisor of the row length {cols}")
         elif group_size is not None:
             raise _fail(f"{where}.group_size", group_size, "null unless granularity is 'group'")
+        _check_grid(where, spec)
     if spec["input"] is not None:
         _check_input(f"{where}.input", spec["input"])
     if "adapter" in spec:
         _check_adapter(f"{where}.adapter", spec["adapter"], kind, shape)
 
 
+def _check_grid(where: str, spec: dict[str, Any]) -> None:
+    """The optional ``grid``: only ``binary`` ({-s, +s}), and then 1 bit, signed, per tensor or channel."""
+    if "grid" not in spec:
+        return
+    if spec["grid"] != "binary":
+        raise _fail(f"{where}.grid", spec["grid"], "'binary' (absent: the integer grid)")
+    if spec["bits"] != 1 or spec["signed"] is not True or spec["granularity"] not in ("tensor", "channel"):
+        raise _fail(where, {k: spec[k] for k in ("bits", "signed", "granularity")},
+                    "bits 1, signed true and granularity 'tensor' or 'channel' with grid 'binary'")  # fmt: skip
+
+
 def _check_input(where: str, spec: Any) -> None:
-    _keys(where, spec, _INPUT)
+    _keys(where, spec, _INPUT, frozenset({"grid"}))
     _int(f"{where}.bits", spec["bits"], 1, 8)
     _bool(f"{where}.signed", spec["signed"])
     _bool(f"{where}.symmetric", spec["symmetric"])
     if spec["granularity"] not in ("tensor", "channel"):
         raise _fail(f"{where}.granularity", spec["granularity"], "'tensor' or 'channel'")
     _int(f"{where}.axis", spec["axis"], -4, 3)  # activations of linear and conv2d layers have 2 to 4 dims
+    _check_grid(where, spec)
 
 
 def _check_adapter(where: str, spec: Any, kind: str, shape: list[int]) -> None:

@@ -39,10 +39,11 @@ class IntWeight(nn.Module):
         group_size: int | None,
         input_quantizer: Quantizer | None,
         weight_float: Tensor | None = None,
+        binary: bool = False,
     ) -> None:
         super().__init__()
         self.input_quantizer = input_quantizer
-        self.weight_bits, self.signed = bits, signed
+        self.weight_bits, self.signed, self.binary = bits, signed, binary  # binary: integers in {-1, +1}
         self.granularity, self.axis, self.group_size = granularity, axis, group_size
         if weight_int is None:  # weight not quantized: keep float
             assert weight_float is not None
@@ -65,7 +66,7 @@ class IntWeight(nn.Module):
         scale, zero_point = wq.export_qparams()
         return cls(
             qint.to(int_dtype(qmin, qmax)), scale, zero_point, int(wq.bits), bool(wq.signed),
-            wq.granularity, wq.axis, wq.group_size, iq,
+            wq.granularity, wq.axis, wq.group_size, iq, binary=wq.spec.binary is not None,
         )
 
     def dequantized(self) -> Tensor:

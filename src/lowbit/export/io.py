@@ -1,11 +1,13 @@
 """``lowbit.save`` / ``lowbit.load``: integer models as one safetensors file with JSON metadata.
 
-The file (``format_version`` 1) holds, as safetensors tensors:
+The file (``format_version`` 2; version 1 files, which never hold a binary grid, load unchanged) holds,
+as safetensors tensors:
 
 - per integer layer ``L``: ``L.weight_packed`` (uint8, the integers packed at their bit width by
-  ``lowbit.export.pack``), ``L.weight_scale`` (float32, the quantizer's stored shape),
-  ``L.weight_zero_point`` (float32, asymmetric only), ``L.bias``, and for a quantized input
-  ``L.input_scale`` / ``L.input_zero_point``; a layer whose weight stayed float stores ``L.weight``;
+  ``lowbit.export.pack``; binary weights {−1, +1} by ``pack_sign``, 1 bit each), ``L.weight_scale``
+  (float32, the quantizer's stored shape), ``L.weight_zero_point`` (float32, asymmetric only), ``L.bias``,
+  and for a quantized input ``L.input_scale`` / ``L.input_zero_point``; a layer whose weight stayed
+  float stores ``L.weight``;
 - every other tensor of the model's ``state_dict`` under its own name (batch norm, float layers).
 
 and in the safetensors metadata, under ``"lowbit"``, one JSON object::
@@ -14,7 +16,8 @@ and in the safetensors metadata, under ``"lowbit"``, one JSON object::
                                         | {"hf_class": "LlamaForCausalLM", "hf_config": {...}} | null,
      "layers": {L: {"kind": "linear" | "conv2d", "shape": [...], "bits": 4, "signed": true,
                     "granularity": "channel", "axis": 0, "group_size": null,
-                    "input": {"bits", "signed", "symmetric", "granularity", "axis"} | null,
+                    "grid": "binary" (weights in {−s, +s}, bits 1; absent: the integer grid), optional,
+                    "input": {"bits", "signed", "symmetric", "granularity", "axis", "grid" (optional)} | null,
                     "adapter": {"rank", "alpha"} (QLoRA-style float adapters: L.lora_a, L.lora_b), optional}},
      "aliases": {name: name of the tensor it shares storage with (tied embeddings)}, optional,
      "sha256": digest of the metadata (without this field) and of every tensor's name, dtype, shape, bytes}
@@ -53,7 +56,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lowbit.checkpoint import atomic_write_text, digest
-from lowbit.config import QuantSpec
+from lowbit.config import BinarySpec, QuantSpec
 from lowbit.errors import ConfigError, FormatError
 from lowbit.export.checks import (
     MAX_ENTRIES,
@@ -66,7 +69,7 @@ from lowbit.export.checks import (
     registration_limit,
 )
 from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear, IntWeight, LowRankAdapter
-from lowbit.export.pack import pack, unpack
+from lowbit.export.pack import pack, pack_sign, unpack, unpack_sign
 from lowbit.quant.functional import int_dtype, int_range
 from lowbit.quant.quantizer import Quantizer
 from lowbit.validate import is_int
@@ -75,14 +78,18 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the binary grid ("grid": "binary")
+READS = (1, 2)
 
 
 def _quantizer_meta(q: Quantizer) -> dict[str, Any]:
-    return {
+    meta = {
         "bits": int(q.bits), "signed": bool(q.signed), "symmetric": q.symmetric,
         "granularity": q.granularity, "axis": q.axis,
     }
+    if q.spec.binary is not None:
+        meta["grid"] = "binary"
+    return meta
 
 
 def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None = None) -> Path:
@@ -114,7 +121,11 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
                 shape=list(qw.weight_int.shape), bits=qw.weight_bits, signed=qw.signed,
                 granularity=qw.granularity, axis=qw.axis, group_size=qw.group_size,
             )
-            tensors[f"{name}.weight_packed"] = pack(qw.weight_int, qw.weight_bits, qw.signed)
+            if qw.binary:
+                entry["grid"] = "binary"
+                tensors[f"{name}.weight_packed"] = pack_sign(qw.weight_int)
+            else:
+                tensors[f"{name}.weight_packed"] = pack(qw.weight_int, qw.weight_bits, qw.signed)
             tensors[f"{name}.weight_scale"] = qw.weight_scale.detach().float().contiguous()
             if qw.weight_zero_point is not None:
                 tensors[f"{name}.weight_zero_point"] = qw.weight_zero_point.detach().float().contiguous()
@@ -205,9 +216,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     except FormatError as e:
         raise FormatError(f"model file {str(path)!r} has unreadable metadata: {e}") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if not is_int(version) or version != FORMAT_VERSION:  # 1.0 and true equal 1 in Python
+    if not is_int(version) or version not in READS:  # 1.0 and true equal 1 in Python
         raise FormatError(
-            f"model file {str(path)!r} has format_version={version!r}; this lowbit reads {FORMAT_VERSION}"
+            f"model file {str(path)!r} has format_version={version!r}; this lowbit reads versions {list(READS)}"
         )
     claimed = meta.pop("sha256", None)
     try:
@@ -238,9 +249,10 @@ def _take(tensors: dict[str, Tensor], key: str, dtype: torch.dtype | None, shape
 
 def _input_quantizer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor]) -> Quantizer:
     scale = _take(tensors, f"{name}.input_scale", torch.float32, None)
+    binary = BinarySpec(scale="one") if spec.get("grid") == "binary" else None  # a fixed scale: the file's
     qspec = QuantSpec(
         bits=spec["bits"], symmetric=spec["symmetric"], granularity=spec["granularity"], axis=spec["axis"],
-        signed=spec["signed"], learn_scale=False,
+        signed=spec["signed"], learn_scale=False, binary=binary,
     )
     channels = scale.numel() if spec["granularity"] == "channel" else None
     q = Quantizer(qspec, None, channels=channels)
@@ -249,7 +261,7 @@ def _input_quantizer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor]
             f"tensor {name}.input_scale has shape {tuple(scale.shape)}, expected {tuple(q.scale.shape)}"
         )
     zp = None if spec["symmetric"] else _take(tensors, f"{name}.input_zero_point", torch.float32, tuple(scale.shape))
-    check_qparams(f"{name}.input", scale, zp, *int_range(spec["bits"], spec["signed"]))
+    check_qparams(f"{name}.input", scale, zp, *(q.int_grid() if binary else int_range(spec["bits"], spec["signed"])))
     q.scale.copy_(scale)
     if zp is not None:
         q.zero_point.copy_(zp)
@@ -275,21 +287,25 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         qweight = IntWeight(None, None, None, 32, True, "tensor", 0, None, iq, w)
     else:
         signed, numel = spec["signed"], math.prod(shape)
-        qmin, qmax = int_range(bits, signed)
+        binary = spec.get("grid") == "binary"
+        qmin, qmax = (-1, 1) if binary else int_range(bits, signed)
         zkey = f"{name}.weight_zero_point"
         probe = Quantizer(  # for the scale's shape
             QuantSpec(
                 bits=bits, symmetric=zkey not in tensors, granularity=spec["granularity"],
                 group_size=spec["group_size"], axis=spec["axis"], signed=signed, learn_scale=False,
+                binary=BinarySpec(scale="one") if binary else None,
             ),
             shape,
         )
         packed = _take(tensors, f"{name}.weight_packed", torch.uint8, None)
-        q = unpack(packed, bits, signed, numel).reshape(shape).to(int_dtype(qmin, qmax))
+        ints = unpack_sign(packed, numel) if binary else unpack(packed, bits, signed, numel)
+        q = ints.reshape(shape).to(int_dtype(qmin, qmax))
         scale = _take(tensors, f"{name}.weight_scale", torch.float32, tuple(probe.scale.shape))
         zp = _take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
         check_qparams(f"{name}.weight", scale, zp, qmin, qmax)
-        qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq)
+        qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq,
+                            binary=binary)
     bkey = f"{name}.bias"
     bias = None
     if float_mod.bias is not None:

@@ -8,13 +8,15 @@ converted first) as an ONNX graph in which
   lowbit, so its initializer is stored 2-D ``(out, in·kh·kw)`` and reshaped after the dequantize).
   Weights of at most 4 bits are INT4 / UINT4 at opset >= 21 (packed two to a byte), otherwise INT8 /
   UINT8; the values already lie inside the narrower grid. Signed or unsigned as the weight's grid;
+- binary weights ({−1, +1}, ``QuantSpec.binary``) are INT4 / INT8 initializers like any other; a binary
+  input quantizer is ``Where(x >= 0, 1, −1) · s``, since QDQ has no sign;
 - each input quantizer is ``QuantizeLinear -> DequantizeLinear`` with its scale and zero point (per
   tensor, or per channel on axis 1). A grid narrower than 8 bits becomes a clipped 8-bit one: a ``Clip``
   to ``[s·(qmin − z), s·(qmax − z)]`` (``Max`` / ``Min`` per channel) before an int8 / uint8
   ``QuantizeLinear``. That equals the narrow grid because rounding is monotone and both sides round half
   to even: ``round(x/s) + z`` of a clipped ``x`` lands in ``[qmin, qmax]`` and is the narrow grid's
   integer wherever ``x`` lies inside, and ``s·k / s`` rounds back to ``k`` at the ends;
-- everything else (BatchNorm, ReLU / ReLU6, adds, global average pool, flatten, biases) is float ONNX.
+- everything else (BatchNorm, ReLU / ReLU6 / Hardtanh, adds, global average pool, flatten, biases) is float ONNX.
 
 How the graph is made: written from a ``torch.fx`` trace of the integer model through a fixed table of
 ops (``MODULES``, ``FUNCTIONS``, ``METHODS``); any other op is a ConfigError that names it. Not with
@@ -153,6 +155,13 @@ def _quantize_input(w: _Writer, name: str, q: Quantizer, x: str, rank: int) -> s
             f"layer {name!r}: its input quantizer has an integer transform ({type(t).__name__}), which QDQ "
             "cannot express: finish or remove the method before exporting to ONNX"
         )
+    if q.spec.binary is not None:  # {-s, +s}: s · (x >= 0 ? 1 : -1), which QDQ cannot express
+        scale = q.export_qparams()[0]
+        bshape = (-1,) + (1,) * (rank - 2) if scale.dim() == 1 else ()
+        nonneg = w.op("GreaterOrEqual", [x, w.const(f"{name}.zero", np.float32(0))], f"{name}.nonneg")
+        sign = w.op("Where", [nonneg, w.const(f"{name}.plus", np.float32(1)), w.const(f"{name}.minus", np.float32(-1))],
+                    f"{name}.sign")  # fmt: skip
+        return w.op("Mul", [sign, w.const(f"{name}.input_scale", scale.reshape(bshape))], f"{name}.input_binary")
     qmin, qmax = q.int_grid()
     scale, zero = q.export_qparams()
     zero = torch.zeros_like(scale) if zero is None else zero
@@ -222,6 +231,8 @@ MODULES: dict[type[nn.Module], _Emit] = {
     nn.BatchNorm2d: _batchnorm,
     nn.ReLU: lambda w, n, m, x, r: w.op("Relu", [x], n),
     nn.ReLU6: lambda w, n, m, x, r: w.op("Clip", [x, w.const(f"{n}.min", 0.0), w.const(f"{n}.max", 6.0)], n),
+    nn.Hardtanh: lambda w, n, m, x, r: w.op(
+        "Clip", [x, w.const(f"{n}.min", m.min_val), w.const(f"{n}.max", m.max_val)], n),
     nn.Identity: lambda w, n, m, x, r: x,
     nn.Dropout: lambda w, n, m, x, r: x,  # eval mode
     nn.AdaptiveAvgPool2d: _global_pool,

@@ -6,6 +6,8 @@ that distils needs them). Besides the five required calls a method may define th
 declared in the same ``Method`` Protocol, which the loop calls through ``call_hooks`` on every method
 that has them:
 
+- ``use_float_model(load)``: ``load()`` returns the run's float model (from its cache), for methods that
+  compare against it (distillation); called after ``attach`` on fresh and resumed runs alike;
 - ``start(model, losses, step)``: runs when a stage starts or resumes at ``step``, after the methods'
   state is loaded; ``losses(s)`` yields the task loss on each training batch from step ``s`` on (the
   same sequence every time), for methods that measure gradients or curvature outside the training step;
@@ -42,6 +44,7 @@ class Method(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     # optional hooks (called through call_hooks only on methods that define them)
+    # def use_float_model(self, load: Callable[[], nn.Module]) -> None: ...
     # def start(self, model: nn.Module, losses: Callable[[int], Iterator[Tensor]], step: int) -> None: ...
     # def metrics(self, model: nn.Module) -> dict[str, Any]: ...
     # def before_eval(self, model: nn.Module, batches: Iterable[Any]) -> bool: ...
@@ -52,7 +55,9 @@ class Method(Protocol):
 
 
 def _registry() -> dict[str, Any]:
+    from lowbit.methods.binary import Binary
     from lowbit.methods.bn import BNReestimation
+    from lowbit.methods.distill import Distill
     from lowbit.methods.oscillation import OscillationDampening, OscillationFreezing, OscillationTracking
     from lowbit.methods.qbitopt import QBitOpt
     from lowbit.methods.resiliency import Resiliency
@@ -64,6 +69,8 @@ def _registry() -> dict[str, Any]:
         "bn_reestimation": BNReestimation,
         "resiliency": Resiliency,
         "qbitopt": QBitOpt,
+        "distill": Distill,
+        "binary": Binary,
     }
 
 

@@ -133,12 +133,15 @@ class OscillationTracker(nn.Module):
             self.ema_active.fill_(True)
 
     @torch.no_grad()
-    def freeze(self, threshold: float, qmin: int, qmax: int, use_ema: bool = True) -> int:
-        """Freeze every not-yet-frozen element with ``freq > threshold``; returns how many were frozen."""
+    def freeze(self, threshold: float, qmin: int, qmax: int, use_ema: bool = True, binary: bool = False) -> int:
+        """Freeze every not-yet-frozen element with ``freq > threshold``; returns how many were frozen.
+        On the binary grid the frozen value is the sign of the EMA (0 is not one of its integers)."""
         new = (self.freq > threshold) & ~self.frozen
         n = int(new.sum())
         if n:
             value = self.ema_int.round().clamp(qmin, qmax) if use_ema else self.prev_int
+            if binary:
+                value = torch.where((self.ema_int if use_ema else self.prev_int) >= 0, 1.0, -1.0)
             self.frozen_int.copy_(torch.where(new, value, self.frozen_int))
             self.frozen.logical_or_(new)
         return n
@@ -402,4 +405,4 @@ class OscillationFreezing(OscillationTracking):
         super().step(step)
         if th > 0:
             for *_, q, t in self.layers:
-                t.freeze(th, *q.int_grid(), use_ema=self.use_ema)
+                t.freeze(th, *q.int_grid(), use_ema=self.use_ema, binary=q.spec.binary is not None)

@@ -171,6 +171,8 @@ class QBitOpt:
     def unsupported(self, layer: nn.Module) -> str | None:
         if getattr(layer, "weight_quantizer", None) is None:
             return None  # a float weight is left alone
+        if layer.weight_quantizer.spec.binary is not None:
+            return "its weight is on the binary grid {-s, +s}, which has no other bit widths to allocate"
         if not callable(getattr(layer, "watch_weight_grad", None)):
             return (f"{type(layer).__name__} keeps its integer weights out of the backward pass, so no weight "
                     "gradient measures its sensitivity (use lowrank variant lrqat)")  # fmt: skip

@@ -206,6 +206,9 @@ class Resiliency:
 
     def unsupported(self, layer: nn.Module) -> str | None:
         """Why this method cannot run on ``layer``'s kind, or None (see ``lowbit.methods``)."""
+        q = getattr(layer, "weight_quantizer", None)
+        if q is not None and q.spec.binary is not None:
+            return "its weight is on the binary grid {-s, +s}, which has no odd M-level grid to fit a step to"
         if isinstance(getattr(layer, "weight", None), nn.Parameter):
             return None
         return f"{type(layer).__name__} keeps no float weight to fit the L2-optimal step to"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.models.birealnet import BiRealNet
 from lowbit.models.mlp import MLP
 from lowbit.models.mobilenet import MobileNetV2
 from lowbit.models.resnet import ResNet
@@ -24,6 +25,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mlp": MLP,
     "resnet": ResNet,
     "mobilenetv2": MobileNetV2,
+    "birealnet": BiRealNet,
 }
 MAX_PARAMETERS = 100_000_000  # 400 MB of float32 weights: far beyond a reference model for 28×28 images
 
@@ -55,4 +57,4 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
     return model
 
 
-__all__ = ["MLP", "MAX_PARAMETERS", "MODELS", "MobileNetV2", "ResNet", "build_model", "model_arguments"]
+__all__ = ["BiRealNet", "MLP", "MAX_PARAMETERS", "MODELS", "MobileNetV2", "ResNet", "build_model", "model_arguments"]

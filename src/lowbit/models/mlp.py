@@ -1,6 +1,9 @@
 """A multilayer perceptron for small images: the simplest model every quantizer must handle.
 
-    x (N, C, H, W) -> flatten (N, C·H·W) -> depth × [Linear(width) -> BatchNorm1d -> ReLU] -> Linear(num_classes)
+    x (N, C, H, W) -> flatten (N, C·H·W) -> depth × [Linear(width) -> BatchNorm1d -> act] -> Linear(num_classes)
+
+``act`` is ReLU by default; ``hardtanh`` makes the binary MLP (binary activations are the sign of the
+next layer's input, and the sign of a ReLU output is always +1, while sign(hardtanh(x)) = sign(x)).
 
 ``depth=0`` is a linear classifier. Hidden Linear layers have no bias (the BatchNorm after them
 has one), so folding BatchNorm into them for export changes no parameter count. Hidden weights are
@@ -14,6 +17,9 @@ import torch
 from torch import nn
 
 from lowbit.config import require_int
+from lowbit.errors import ConfigError
+
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "hardtanh": nn.Hardtanh}
 
 
 class MLP(nn.Module):
@@ -26,6 +32,7 @@ class MLP(nn.Module):
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
+        act: str = "relu",
     ) -> None:
         super().__init__()
         require_int("MLP", "width", width, 1, 65_536)
@@ -33,10 +40,12 @@ class MLP(nn.Module):
         require_int("MLP", "num_classes", num_classes, 2, 100_000)
         require_int("MLP", "in_channels", in_channels, 1, 1024)
         require_int("MLP", "image_size", image_size, 1, 4096)
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"MLP: act={act!r} is not allowed: use one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):
-            layers += [nn.Linear(fan_in, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            layers += [nn.Linear(fan_in, width, bias=False), nn.BatchNorm1d(width), ACTIVATIONS[act]()]
             fan_in = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(fan_in, num_classes)

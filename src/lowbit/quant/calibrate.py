@@ -75,6 +75,12 @@ def init_range(q: Quantizer, x: Tensor) -> None:
     """Set ``q``'s scale (and zero point) from data ``x`` with the method of ``q.spec.init``."""
     spec = q.spec
     rows = range_rows(q, x)
+    if spec.binary is not None:  # the grid {-s, +s}: s starts at mean |x| (a unit scale stays 1)
+        q.signed.fill_(True)
+        if spec.binary.scale != "one":
+            q.scale.copy_(rows.abs().mean(dim=1).reshape(q.scale.shape))
+        q.initialized.fill_(True)
+        return
     if spec.signed is None and spec.symmetric:
         q.signed.fill_(bool(rows.min() < 0))
     qmin, qmax = q.int_grid()

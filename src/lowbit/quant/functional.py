@@ -63,10 +63,15 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def sign_ste(x: Tensor) -> Tensor:
-    """``sign`` mapping 0 to +1, with the clipped straight-through gradient ``1{|x| <= 1}``."""
+def sign_ste(x: Tensor, grad: str = "clip") -> Tensor:
+    """``sign`` mapping 0 to +1, with a straight-through gradient: ``clip``, ``1{|x| <= 1}`` (hard tanh), or
+    ``approxsign``, Bi-Real Net's ``(2 − 2|x|)·1{|x| <= 1}`` (the derivative of ``2x − x|x|`` on [−1, 1])."""
     hard = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
     soft = x.clamp(-1.0, 1.0)
+    if grad == "approxsign":
+        soft = 2 * soft - soft * soft.abs()
+    elif grad != "clip":
+        raise ValueError(f"grad={grad!r} is not allowed: use clip or approxsign")
     return soft + (hard - soft).detach()
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lowbit.errors import ConfigError
 from lowbit.quant import functional as F
 
 if TYPE_CHECKING:
@@ -61,7 +62,10 @@ class Quantizer(nn.Module):
         self.register_buffer("signed", torch.tensor(bool(signed)))
         self.register_buffer("initialized", torch.tensor(False))
         scale = torch.ones(scale_shape)
-        if spec.learn_scale:
+        if spec.binary is not None and spec.binary.scale == "mean_abs" and shape is None:
+            raise ConfigError("binary scale mean_abs is recomputed from the tensor on every call, which suits "
+                              "weights only: give activations binary: {scale: learned} or {scale: one}")  # fmt: skip
+        if spec.learn_scale if spec.binary is None else spec.binary.scale == "learned":
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
@@ -129,6 +133,8 @@ class Quantizer(nn.Module):
         times, so the answer is kept until either buffer is replaced (``.to``, ``load_state_dict``) or
         written in place (``set_bits``, ``fill_``, ``copy_``: each bumps the tensor's version counter).
         """
+        if self.spec.binary is not None:
+            return -1, 1  # the integers of the binary grid are -1 and +1 (0 is not one of them)
         key = (id(self.bits), self.bits._version, id(self.signed), self.signed._version)
         cached = self.__dict__.get("_grid_cache")
         if cached is None or cached[0] != key:
@@ -152,6 +158,8 @@ class Quantizer(nn.Module):
         """
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits={bits!r} is not allowed: use an integer in 1..8")
+        if self.spec.binary is not None:
+            raise ValueError("a binary quantizer has the grid {-s, +s}: its bit width cannot change")
         qmin, qmax = self.int_grid()
         nmin, nmax = F.int_range(bits, bool(self.signed))
         if keep_range and (nmin, nmax) != (qmin, qmax):
@@ -175,6 +183,8 @@ class Quantizer(nn.Module):
         if self.observed is not None:  # calibration: record the float input, pass it through
             self.observed.append(x.detach())
             return x
+        if self.spec.binary is not None:
+            return (self.quantize_ste(x) * self.binary_scale(x)).reshape(x.shape)
         qmin, qmax = self.int_grid()
         s, z = self.qparams(x, qmax)
         xv = self.view(x)
@@ -190,12 +200,31 @@ class Quantizer(nn.Module):
     def quantize_ste(self, x: Tensor, transform: bool = True) -> Tensor:
         """Integers of ``x`` (float dtype, straight-through gradients), after ``int_transform`` unless
         ``transform=False`` (the raw rounded integers, which methods that track them need)."""
-        qmin, qmax = self.int_grid()
-        s, z = self.qparams(x, qmax)
-        x_int = F.quantize_ste(self.view(x), s, z, qmin, qmax)
+        if self.spec.binary is not None:
+            x_int = F.sign_ste(x, self.spec.binary.grad)
+            if self.spec.binary.scale == "mean_abs":
+                self.binary_scale(x)  # keep the stored scale that of the integers just produced
+        else:
+            qmin, qmax = self.int_grid()
+            s, z = self.qparams(x, qmax)
+            x_int = F.quantize_ste(self.view(x), s, z, qmin, qmax)
         if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
         return x_int.reshape(x.shape)
+
+    def binary_scale(self, x: Tensor) -> Tensor:
+        """The binary grid's ``s``, broadcastable against ``x``: the learned or unit scale, or ``mean |x|`` per
+        scale element (detached, and stored in the ``scale`` buffer so that export writes the same value)."""
+        binary = self.spec.binary
+        assert binary is not None
+        if binary.scale == "mean_abs":
+            x = x.detach()
+            dims = [d for d in range(x.dim()) if self.granularity == "tensor" or d != self.axis % x.dim()]
+            m = x.abs().mean(dim=dims)
+            with torch.no_grad():
+                self.scale.copy_(m.reshape(self.scale.shape))
+            return self._broadcast(m.reshape(self.scale.shape), x)
+        return self._broadcast(F.positive_scale(self.scale, F.SCALE_EPS), x)
 
     @torch.no_grad()
     def to_int(self, x: Tensor) -> Tensor:

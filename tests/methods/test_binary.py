@@ -68,6 +68,8 @@ def test_a_binary_run_trains_logs_flips_and_saves_one_bit_weights(optimizer: str
     binary = [n for n, e in meta["layers"].items() if e.get("grid") == "binary"]
     assert binary == ["features.4"]  # the hidden layer; the first and last stay 8-bit
     assert model is not None and summary["quant_metric"] > 0
+    assert f"Binary weights ({optimizer})" in (tmp_path / "r" / "report.html").read_text()
+    assert (tmp_path / "r" / "plots" / "flip_ratio.png").exists()
     if optimizer in ("cema", "bop"):  # the parameters hold the binary weights themselves
         w = state["model"]["features.4.weight"]
         assert bool(((w == 1) | (w == -1)).all())

@@ -192,3 +192,31 @@ def test_onnx_runs_binary_layers_like_the_integer_model(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = lowbit.convert(model)(x).numpy()
     assert abs(got - ref).max() < 1e-4
+
+
+def test_low_rank_layers_refuse_the_binary_grid() -> None:
+    from lowbit.config import LowRankSpec
+
+    cfg = QuantConfig(weight=QuantSpec(bits=1, binary=BinarySpec()), act=None, lowrank=LowRankSpec(rank=2))
+    with pytest.raises(ConfigError, match="binary grid"):
+        lowbit.prepare(nn.Sequential(nn.Linear(8, 8)), cfg)
+
+
+def test_oscillation_tracking_counts_binary_sign_flips_back_and_forth() -> None:
+    """A weight whose sign goes + − + − oscillates (each change reverses the last); + − − + once."""
+    from lowbit.methods.oscillation import OscillationTracking
+
+    torch.manual_seed(0)
+    model = lowbit.prepare(nn.Sequential(nn.Linear(2, 1, bias=False)),
+                           QuantConfig(weight=QuantSpec(bits=1, binary=BinarySpec(scale="one")), act=None))  # fmt: skip
+    signs = [(1, 1), (-1, -1), (1, -1), (-1, 1), (1, 1)]  # weight 0: + - + - +; weight 1: + - - + +
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, 0.5]]))
+    m = OscillationTracking(8, momentum=1.0)
+    m.attach(model)
+    for step, (a, b) in enumerate(signs[1:], start=1):
+        with torch.no_grad():
+            model[0].weight.copy_(torch.tensor([[0.5 * a, 0.5 * b]]))
+        m.step(step)
+    tracker = next(t for t in model.modules() if type(t).__name__ == "OscillationTracker")
+    assert int(tracker.oscillations) == 3 + 1  # weight 0 reverses at steps 2, 3, 4; weight 1 at step 3

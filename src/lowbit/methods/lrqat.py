@@ -164,6 +164,9 @@ def _input_quantizer(act: QuantSpec | None, in_features: int, device: torch.devi
 @torch.no_grad()
 def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
     """A weight quantizer range-initialised on ``w0`` (out, in), and ``W0 / s0`` in its grid units."""
+    if spec.binary is not None:
+        raise ConfigError("low-rank layers (LR-QAT, QLoRA-style) keep their weights on an integer grid; the binary "
+                          "grid {-s, +s} is not one: add a rule with lowrank: null for binary layers")  # fmt: skip
     q = Quantizer(spec, tuple(w0.shape)).to(w0.device)
     init_range(q, w0)
     s0, _ = q.qparams(w0, q.int_grid()[1])

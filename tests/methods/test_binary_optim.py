@@ -331,3 +331,26 @@ def test_flip_ratio_by_hand() -> None:
     assert flip_ratio(torch.ones(0), torch.ones(0)) == 0.0
     with pytest.raises(ValueError, match="one shape"):
         flip_ratio(torch.ones(3), torch.ones(4))
+
+
+def test_cema_inertia_starts_the_filter_at_the_float_weights() -> None:
+    """u_0 = −inertia·w_0, then the paper's updates: a float start's signs last until the gradients outweigh it."""
+    g = torch.Generator().manual_seed(7)
+    w0 = torch.randn(50, generator=g) * 0.1
+    p = torch.nn.Parameter(w0.clone())
+    opt = CEMA([p], alpha=0.1, gamma=0.5, inertia=1.0)
+    u0 = opt.state[p]["inertia_buffer"].clone()
+    assert torch.equal(u0, -w0) and torch.equal(p.detach(), torch.where(w0 < 0, -1.0, 1.0))
+    v = torch.zeros(50)
+    u = u0.clone()
+    for _ in range(5):
+        grad = torch.randn(50, generator=g) * 0.01
+        p.grad = grad.clone()
+        opt.step()
+        v = v * (1 - 0.5) + grad * 0.5
+        u = u * (1 - 0.1) + v * 0.1
+        nz = u != 0
+        assert torch.equal(p.detach()[nz], -torch.sign(u[nz]))
+    assert flip_ratio(torch.where(w0 < 0, -1.0, 1.0), p.detach()) < 0.2  # small gradients flip few
+    opt0 = CEMA([torch.nn.Parameter(w0.clone())], alpha=0.1, gamma=0.5)
+    assert not opt0.state  # inertia 0: the paper's empty start, state created at the first step

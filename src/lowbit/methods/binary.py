@@ -55,12 +55,14 @@ def _positive(name: str, v: Any, top: float | None = None) -> None:
 
 @dataclass(frozen=True)
 class BinarySettings:
-    """``binary``: ``optimizer`` cema | bop | adam; CEMA's ``alpha`` and ``gamma``; Bop's ``threshold`` and
-    ``gamma``; Adam's ``lr`` and ``clip`` (latent weights)."""
+    """``binary``: ``optimizer`` cema | bop | adam; CEMA's ``alpha``, ``gamma`` and ``inertia`` (u_0 = −inertia·w
+    from the float weights; 0: the paper's empty start); Bop's ``threshold`` and ``gamma``; Adam's ``lr`` and
+    ``clip`` (latent weights)."""
 
     optimizer: str = "cema"
     alpha: float = 1e-3
     gamma: float = 1e-2
+    inertia: float = 0.0
     threshold: float = 1e-6
     lr: float = 1e-3
     clip: float = 1.0
@@ -72,6 +74,8 @@ class BinarySettings:
         _positive("gamma", self.gamma, 1.0)
         _positive("lr", self.lr)
         _positive("clip", self.clip)
+        if isinstance(self.inertia, bool) or not isinstance(self.inertia, int | float) or not 0 <= self.inertia < 1e6:
+            raise ConfigError(f"inertia={self.inertia!r} is not allowed: use a number in [0, 1e6)")
         th = self.threshold
         if isinstance(th, bool) or not isinstance(th, int | float) or not 0 <= th < 1e6:
             raise ConfigError(f"threshold={self.threshold!r} is not allowed: use a number in [0, 1e6)")
@@ -111,7 +115,7 @@ class Binary:
         params = [m.weight for _, m in self.layers]
         if s.optimizer == "cema":
             return [{"params": params, "optimizer": CEMA, "alpha": s.alpha, "gamma": s.gamma, "lr": 1.0,
-                     "schedule": True}]  # fmt: skip
+                     "inertia": s.inertia, "schedule": True}]  # fmt: skip
         if s.optimizer == "bop":
             return [{"params": params, "optimizer": Bop, "threshold": s.threshold, "gamma": s.gamma, "lr": 1.0,
                      "schedule": True}]  # fmt: skip

@@ -43,6 +43,12 @@ that has a gradient) and in the parameter groups (alpha, gamma, threshold, clip)
 loop builds method optimizers); each group is validated when it is added, and the scheduled rates
 (alpha·lr, gamma·lr) at every step, since a scheduler or a loaded state sets ``lr``.
 
+``inertia`` (CEMA, default 0: the paper) starts the inertia buffer at ``u_0 = −inertia·w_0`` from float
+weights, before they become their signs. By the filter view this is the latent weight's initial state
+(m_0 = λ·w_0): with u_0 = 0 the first step flips every weight whose first filtered gradient agrees with
+it, which discards a pretrained float model's signs; a u_0 comparable to the filtered gradients keeps
+them until the gradients disagree for long enough.
+
 Departures from the official CEMA code (``optimizers/cema_optimizer.py``): sign(0) is +1 (its ``p.sign_()``
 leaves 0, a weight that can then never flip since u·0 = 0); ``group["alpha"]`` keeps the value given, α_t is
 computed each step instead of being written back beside an ``initial_alpha``.
@@ -121,16 +127,25 @@ class CEMA(Optimizer):
     scales α (α_t = alpha·lr), for LR schedulers.
     """
 
-    def __init__(self, params: Params, alpha: float | None = None, gamma: float | None = None, lr: float = 1.0) -> None:
-        super().__init__(params, {"lr": lr, "alpha": alpha, "gamma": gamma})
+    def __init__(
+        self, params: Params, alpha: float | None = None, gamma: float | None = None, lr: float = 1.0,
+        inertia: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__(params, {"lr": lr, "alpha": alpha, "gamma": gamma, "inertia": inertia})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
         _check("CEMA", "alpha", merged["alpha"], 0.0, True, 1.0)
         _check("CEMA", "gamma", merged["gamma"], 0.0, True, 1.0)
         _check("CEMA", "lr", merged["lr"], 0.0, False, None)
+        _check("CEMA", "inertia", merged["inertia"], 0.0, False, None)
         super().add_param_group(param_group)
-        _binarize_params(self.param_groups[-1]["params"])
+        group = self.param_groups[-1]
+        if group["inertia"] > 0:  # u_0 = −inertia·w_0: the latent weights' memory of a float start (see above)
+            for p in group["params"]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["inertia_buffer"] = -group["inertia"] * p.detach().clone()
+        _binarize_params(group["params"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                      + markdown_table(["optimizer", "grid", "best %", "worst %", "spread (points)", "std",
                                        "accuracies (row-major)"], grid_rows) + "\n")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(head) + "\n".join(parts))
+    args.out.write_text("\n".join(head) + "\n" + "\n".join(parts))
     print(f"wrote {args.out}")
 
 

@@ -179,10 +179,15 @@ def llm_rows(args: argparse.Namespace) -> str:
     tau = max(args.llm_steps // 4, 1)
     rows = []
     qbitopt = {"name": "qbitopt", "average_bits": 3.0, "tau": tau, "pin_first_last": False}
-    for label, methods in (("uniform W3 per channel, LR-QAT", []),
-                           (f"QBitOpt average 3 bits (relaxation, FIT, tau {tau}), LR-QAT", [qbitopt])):  # fmt: skip
+    oneshot = {"name": "qbitopt", "average_bits": 3.0, "tau": 0, "init": "sensitivity", "pin_first_last": False}
+    rows_of = [("uniform W3 per channel, LR-QAT", []),
+               (f"QBitOpt average 3 bits (relaxation, FIT, tau {tau}), LR-QAT", [qbitopt])]
+    if args.llm_oneshot:  # allocated once from the pretrained model's Fisher (8 batches), never again
+        rows_of = [("one-shot average 3 bits (relaxation, FIT of the pretrained model), LR-QAT", [oneshot])]
+    for label, methods in rows_of:
         recipe = recipe_from_dict({**base, "name": "qbitopt-smollm2", "methods": methods})
-        run_dir = RUNS_DIR / "bench-qbitopt" / f"smollm2-{'uniform' if not methods else 'qbitopt'}{args.tag}"
+        kind = "uniform" if not methods else ("oneshot" if args.llm_oneshot else "qbitopt")
+        run_dir = RUNS_DIR / "bench-qbitopt" / f"smollm2-{kind}{args.tag}"
         t0 = time.perf_counter()
         s = run(recipe, run_dir, progress=not args.no_progress, force=True)
         rows_ = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--solvers-only", action="store_true")
     p.add_argument("--llm", action="store_true", help="only the SmolLM2 LR-QAT rows (needs `make llm`)")
     p.add_argument("--llm-steps", type=int, default=100)
+    p.add_argument("--llm-oneshot", action="store_true", help="with --llm: only the one-shot allocation row")
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. qat.lr=0.01")
     p.add_argument("--tag", default="", help="suffix of the run directories (runs/bench-qbitopt/)")
     p.add_argument("--no-progress", action="store_true")
@@ -238,8 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.llm:
         text = llm_rows(args)
-        out = args.out.with_name(args.out.stem + "_llm.md")
-        out.write_text("\n".join(head[:3]) + f"\n`python benchmarks/qbitopt.py {' '.join(sys.argv[1:])}`\n\n" + text)
+        out = args.out.with_name(args.out.stem + ("_llm_oneshot.md" if args.llm_oneshot else "_llm.md"))
+        title = "# QBitOpt on an LLM: SmolLM2-135M by LR-QAT, uniform against allocated weight bits"
+        out.write_text("\n".join([title, *head[1:3]]) + f"\n`python benchmarks/qbitopt.py {' '.join(sys.argv[1:])}`\n\n"
+                       + text)
         print(f"wrote {out}")
         return
     tables = []

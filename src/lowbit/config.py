@@ -33,24 +33,10 @@ from lowbit.validate import (
 from lowbit.validate import check as _check
 
 __all__ = [
-    "BinarySpec",
-    "QuantSpec",
-    "LowRankSpec",
-    "Rule",
-    "QuantConfig",
-    "DataConfig",
-    "ModelConfig",
-    "StageConfig",
-    "TextConfig",
-    "Recipe",
-    "TASKS",
-    "INHERIT",
-    "load_recipe",
-    "recipe_from_dict",
-    "recipe_to_dict",
-    "stage_hash",
+    "BinarySpec", "QuantSpec", "LowRankSpec", "Rule", "QuantConfig", "DataConfig", "ModelConfig", "StageConfig",
+    "TextConfig", "Recipe", "TASKS", "INHERIT", "load_recipe", "recipe_from_dict", "recipe_to_dict", "stage_hash",
     "require_int",
-]
+]  # fmt: skip
 
 GRANULARITIES = ("tensor", "channel", "group")
 BINARY_SCALES = ("mean_abs", "learned", "one")

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, cpu_model, interleaved_median_times, machine_line, markdown_table  # noqa: E402
+from common import RUNS_DIR, cpu_model, interleaved_median_times, machine_line, markdown_table, qat_step  # noqa: E402
 
 from lowbit.api import prepare  # noqa: E402
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
@@ -97,18 +96,7 @@ def step_times(model_name: str, args: argparse.Namespace) -> dict[str, float]:
         w, q = (list(filter(lambda p: id(p) not in owned, ps)) for ps in split_parameters(model))
         opts = [torch.optim.Adam(w + q, lr=1e-3)]
         opts += [gr["optimizer"]([{k: v for k, v in gr.items() if k not in ("optimizer", "schedule")}]) for gr in own]
-        counter = [0]
-
-        def step(model: nn.Module = model, methods: list = methods, opts: list = opts, counter: list = counter) -> None:
-            loss = nn.functional.cross_entropy(model(x), y)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            counter[0] += 1
-            for m in methods:
-                m.step(counter[0])
+        step = qat_step(model, x, y, opts, methods)
 
         steps[label] = step
     return interleaved_median_times(steps, warmup=3, repeats=args.time_repeats)

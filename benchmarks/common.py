@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,6 +105,31 @@ def float_model(
 
 
 # -- timing ------------------------------------------------------------------------------------------
+
+
+def qat_step(model: Any, x: Any, y: Any, opts: Sequence[Any], methods: Sequence[Any] = ()) -> Callable[[], None]:
+    """One training step as the loop takes it (forward, methods' losses, backward, every optimizer, methods'
+    steps), on a fixed classification batch, for step-time comparisons."""
+    import torch
+
+    counter = [0]
+
+    def step() -> None:
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        for m in methods:
+            extra = m.loss(model, (x, y), out)
+            loss = loss + extra if extra is not None else loss
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        counter[0] += 1
+        for m in methods:
+            m.step(counter[0])
+
+    return step
 
 
 def interleaved_median_times(

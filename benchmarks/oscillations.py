@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, interleaved_median_times, machine_line, markdown_table  # noqa: E402
+from common import RUNS_DIR, interleaved_median_times, machine_line, markdown_table, qat_step  # noqa: E402
 
 from lowbit.api import prepare  # noqa: E402
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
@@ -114,22 +113,7 @@ def step_times(bits: int, args: argparse.Namespace) -> dict[str, float]:
                 m.t = 100  # dampening at full weight (it is skipped while lambda is 0)
         w, q = split_parameters(model)
         opts = [torch.optim.SGD(w, lr=1e-3, momentum=0.9), torch.optim.Adam(q, lr=1e-5)]
-        counter = [0]
-
-        def step(model: nn.Module = model, methods: list = methods, opts: list = opts, counter: list = counter) -> None:
-            out = model(x)
-            loss = nn.functional.cross_entropy(out, y)
-            for m in methods:
-                extra = m.loss(model, (x, y), out)
-                loss = loss + extra if extra is not None else loss
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            counter[0] += 1
-            for m in methods:
-                m.step(counter[0])
+        step = qat_step(model, x, y, opts, methods)
 
         steps[label] = step
     return interleaved_median_times(steps, warmup=5, repeats=args.time_repeats)

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, cpu_model, interleaved_median_times, machine_line, markdown_table  # noqa: E402
+from common import RUNS_DIR, cpu_model, interleaved_median_times, machine_line, markdown_table, qat_step  # noqa: E402
 
 from lowbit.api import prepare  # noqa: E402
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
@@ -125,18 +125,7 @@ def step_times(model_name: str, args: argparse.Namespace) -> tuple[dict[str, flo
         call_hooks(methods, "start", model, losses, 0)
         w, q = split_parameters(model)
         opts = [torch.optim.SGD(w, lr=1e-3, momentum=0.9), torch.optim.Adam(q, lr=1e-5)]
-        counter = [0]
-
-        def step(model: nn.Module = model, methods: list = methods, opts: list = opts, counter: list = counter) -> None:
-            loss = nn.functional.cross_entropy(model(x), y)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            counter[0] += 1
-            for m in methods:
-                m.step(counter[0])
+        step = qat_step(model, x, y, opts, methods)
 
         if variant in ("uniform", "relaxed"):
             steps["uniform" if variant == "uniform" else "QBitOpt"] = step

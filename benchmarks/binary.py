@@ -68,13 +68,25 @@ def one_run(model: str, optimizer: str, kd: bool, seed: int, hp: dict[str, float
     d["methods"] = [binary] + ([{"name": "distill"}] if kd else [])
     label = f"{model}-{optimizer}{'-kd' if kd else ''}-seed{seed}{tag}{args.tag}"
     run_dir = RUNS_DIR / "bench-binary" / label
-    summary = run(recipe_from_dict(d), run_dir, progress=not args.no_progress, force=True)
+    recipe = recipe_from_dict(d)
+    if args.reuse and _finished_same(run_dir, recipe):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"{label}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        summary = run(recipe, run_dir, progress=not args.no_progress, force=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     qat = [r for r in rows if r["stage"] == "qat"]
     out = {"accuracy": summary["quant_metric"], "float": summary["float_metric"],
            "flip_start": qat[0]["flip_ratio"], "flip_end": qat[-1]["flip_ratio"]}  # fmt: skip
     print(f"{label} {hp}: {out['accuracy']:.2f} % (float {out['float']:.2f})", flush=True)
     return out
+
+
+def _finished_same(run_dir: Path, recipe: Any) -> bool:
+    """True when ``run_dir`` holds a finished run of exactly this recipe (its resolved config.yaml equal)."""
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    return load_recipe(run_dir / "config.yaml") == recipe
 
 
 def step_times(model_name: str, args: argparse.Namespace) -> dict[str, float]:
@@ -119,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. qat.lr=0.01")
     p.add_argument("--tag", default="")
+    p.add_argument("--reuse", action="store_true", help="reuse a finished run whose config.yaml equals the recipe")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -192,6 +192,55 @@ def test_prepared_and_converted_models_give_the_same_file(tmp_path: Path) -> Non
     assert int_model.training  # the caller's mode is restored
 
 
+def test_float_ops_of_binary_networks_run_like_torch(tmp_path: Path) -> None:
+    """PReLU (one slope and per channel), AvgPool2d (padding, ceil mode) and LearnableBias, with a layer between."""
+    from lowbit.models.birealnet import LearnableBias
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), LearnableBias(8), nn.PReLU(8, init=0.1), nn.AvgPool2d(2),
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), nn.PReLU(init=-0.3),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    )  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LearnableBias | nn.PReLU):
+                next(m.parameters()).normal_()  # away from their initial constants
+    model = lowbit.prepare(model, QuantConfig(weight=QuantSpec(bits=8), act=None), calib=[CALIB])
+    ref = lowbit.convert(model)(X).detach().numpy()
+    path = export_onnx(model, tmp_path / "m.onnx", X[:1])
+    assert {"PRelu", "AveragePool"} <= set(_ops(path))
+    np.testing.assert_allclose(_run(path, X)[0], ref, rtol=1e-5, atol=1e-5)
+    bad = lowbit.prepare(nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(2, divisor_override=3)),
+                         QuantConfig(weight=QuantSpec(bits=8), act=None), calib=[CALIB])  # fmt: skip
+    with pytest.raises(ConfigError, match="divisor_override=3"):
+        export_onnx(bad, tmp_path / "bad.onnx", X[:1])
+
+
+def test_the_binary_cnn_runs_in_onnxruntime_like_the_integer_model(tmp_path: Path) -> None:
+    """BiRealNet on its recipe's grids (binary 3×3 blocks, 8-bit stem, shortcuts and classifier), trained a
+    few steps so batch-norm outputs move off exact zeros (where another summation order flips a sign)."""
+    from lowbit.config import load_recipe
+
+    torch.manual_seed(0)
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "birealnet-binary.yaml")
+    model = lowbit.prepare(build_model("birealnet", num_classes=10, width=8, blocks=1), recipe.quant, calib=[CALIB])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        opt.zero_grad()
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    ref = lowbit.convert(model)(X).detach().numpy()
+    path = export_onnx(model, tmp_path / "m.onnx", X[:1])
+    ops = _ops(path)
+    # 3 binary blocks (sign by Where); 8-bit inputs of 2 shortcuts and the classifier (the stem reads the image)
+    assert ops.count("Where") == 3 and ops.count("QuantizeLinear") == 3
+    _assert_close(_run(path, X)[0], ref)
+
+
 class _Keep(nn.Module):
     def forward(self, x_int: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
         return x_int

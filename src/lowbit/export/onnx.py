@@ -16,7 +16,8 @@ converted first) as an ONNX graph in which
   ``QuantizeLinear``. That equals the narrow grid because rounding is monotone and both sides round half
   to even: ``round(x/s) + z`` of a clipped ``x`` lands in ``[qmin, qmax]`` and is the narrow grid's
   integer wherever ``x`` lies inside, and ``s·k / s`` rounds back to ``k`` at the ends;
-- everything else (BatchNorm, ReLU / ReLU6 / Hardtanh, adds, global average pool, flatten, biases) is float ONNX.
+- everything else (BatchNorm, ReLU / ReLU6 / Hardtanh / PReLU, lowbit's ``LearnableBias``, adds, average
+  and global average pools, flatten, biases) is float ONNX.
 
 How the graph is made: written from a ``torch.fx`` trace of the integer model through a fixed table of
 ops (``MODULES``, ``FUNCTIONS``, ``METHODS``); any other op is a ConfigError that names it. Not with
@@ -49,6 +50,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from lowbit.api import convert
 from lowbit.errors import ConfigError
 from lowbit.export.intmodules import IntConv2d, IntLinear
+from lowbit.models.birealnet import LearnableBias
 from lowbit.quant.modules import QuantConv2d, QuantLinear
 from lowbit.quant.quantizer import Quantizer
 
@@ -62,7 +64,7 @@ MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, IntLinear | IntConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, IntLinear | IntConv2d) or type(m) in MODULES or super().is_leaf_module(m, qualname)
 
 
 class _Writer:
@@ -219,6 +221,26 @@ def _global_pool(w: _Writer, name: str, m: Any, x: str, rank: int) -> str:
     return w.op("GlobalAveragePool", [x], name)
 
 
+def _channel_shape(values: Tensor, rank: int) -> Tensor:
+    """Per-channel values shaped to broadcast against (N, C, ...) of ``rank`` dimensions."""
+    return values.detach().reshape(-1, *([1] * (rank - 2))) if rank > 2 else values.detach()
+
+
+def _prelu(w: _Writer, name: str, m: nn.PReLU, x: str, rank: int) -> str:
+    return w.op("PRelu", [x, w.const(f"{name}.slope", _channel_shape(m.weight, rank))], name)
+
+
+def _avg_pool(w: _Writer, name: str, m: nn.AvgPool2d, x: str, rank: int) -> str:
+    if m.divisor_override is not None:
+        raise ConfigError(f"layer {name!r}: AvgPool2d(divisor_override={m.divisor_override}); the export allows None")
+    def pair(v: Any) -> list[int]:
+        return [int(i) for i in v] if isinstance(v, tuple | list) else [int(v)] * 2
+
+    kernel, stride, pad = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(m.padding)
+    return w.op("AveragePool", [x], name, kernel_shape=kernel, strides=stride, pads=pad * 2,
+                ceil_mode=int(m.ceil_mode), count_include_pad=int(m.count_include_pad))  # fmt: skip
+
+
 def _flatten(w: _Writer, name: str, x: str, rank: int, start: int = 1, end: int = -1) -> str:
     if end % rank != rank - 1 or start % rank == 0:
         raise ConfigError(f"{name}: flatten(start_dim={start}, end_dim={end}); the export allows start >= 1, end -1")
@@ -236,6 +258,9 @@ MODULES: dict[type[nn.Module], _Emit] = {
     nn.Identity: lambda w, n, m, x, r: x,
     nn.Dropout: lambda w, n, m, x, r: x,  # eval mode
     nn.AdaptiveAvgPool2d: _global_pool,
+    nn.AvgPool2d: _avg_pool,
+    nn.PReLU: _prelu,
+    LearnableBias: lambda w, n, m, x, r: w.op("Add", [x, w.const(f"{n}.bias", _channel_shape(m.bias, r))], n),
     nn.Flatten: lambda w, n, m, x, r: _flatten(w, n, x, r, m.start_dim, m.end_dim),
 }
 BINARY = {operator.add: "Add", torch.add: "Add", operator.sub: "Sub", torch.sub: "Sub", operator.mul: "Mul",

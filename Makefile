@@ -34,7 +34,7 @@ demo: $(STAMP) data
 	$(BIN)/lowbit train default --force
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

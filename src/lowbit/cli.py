@@ -117,6 +117,7 @@ def _print_summary(s: dict, report: Path | None = None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lowbit import distributed
     from lowbit.run import choose_threads, run, runs_child
 
     path = find_recipe(args.recipe)
@@ -124,13 +125,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = runs_child(Path(args.runs), args.name or recipe.name, "--name" if args.name else "name (the recipe's)")
     if args.resume and args.force:
         raise ConfigError("--resume and --force contradict each other: --resume continues a run, --force starts over")
-    print(f"run {run_dir} (recipe {path})")
+    world = distributed.init(recipe.device)  # under torchrun: one process of world.size
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
+    where = f" on {world.size} processes" if world.size > 1 else ""
+    if world.main:
+        print(f"run {run_dir} (recipe {path}){where}")
     chosen = choose_threads(recipe)  # on a shared machine, fewer threads than cores beat waiting on busy ones
     if chosen:
         log.info("lowbit train: %s", chosen)
-    summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
+    try:
+        summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
+    finally:
+        distributed.shutdown()
     report = run_dir / "report.html"
-    _print_summary(summary, report if report.is_file() else None)
+    if world.main:
+        _print_summary(summary, report if report.is_file() else None)
     return 0
 
 

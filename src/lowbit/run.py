@@ -39,6 +39,7 @@ import torch
 import yaml
 from torch import nn
 
+from lowbit import distributed
 from lowbit.api import convert, prepare
 from lowbit.checkpoint import atomic_write_text, remove_stale_temp_files
 from lowbit.config import Recipe, recipe_to_dict
@@ -194,9 +195,15 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, force: bool) -> dict[str
 
 
 def _row(metrics: Path, stage: str, row: dict[str, Any]) -> dict[str, Any]:
-    truncate_metrics(metrics, stage, -1)
-    append_metrics(metrics, row)
+    if distributed.is_main():
+        truncate_metrics(metrics, stage, -1)
+        append_metrics(metrics, row)
     return row
+
+
+def _logged(metrics: Path, stage: str, resume: bool) -> dict[str, Any] | None:
+    """The row of ``stage`` a resumed run already logged (rank 0's file, the same on every rank)."""
+    return distributed.on_main(lambda: logged_row(metrics, stage)) if resume else None
 
 
 def run(
@@ -212,20 +219,21 @@ def run(
     build_methods(recipe.methods, total_steps=1)  # a bad method setting fails before anything is written
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    distributed.init(recipe.device)  # under torchrun: join the other processes (rank 0 alone writes files)
     run_dir = Path(run_dir)
     task = build_task(recipe)  # data and model load (or fail) before the run directory is touched
-    with run_lock(run_dir):
+    with contextlib.ExitStack() as held:
+        distributed.on_main(lambda: held.enter_context(run_lock(run_dir)))
         return _run(recipe, run_dir, task, resume, progress, force, t0)
 
 
 def _run(
     recipe: Recipe, run_dir: Path, task: Any, resume: bool, progress: bool, force: bool, t0: float
 ) -> dict[str, Any]:
-    resolved = _start(recipe, run_dir, resume, force)
+    resolved = distributed.on_main(lambda: _start(recipe, run_dir, resume, force))
     metrics = run_dir / "metrics.jsonl"
-    metric = task.metric_name
     model = task.float_model(run_dir, resume, progress)
-    float_row = (resume and logged_row(metrics, "float")) or _row(
+    float_row = _logged(metrics, "float", resume) or _row(
         metrics, "float", {"stage": "float", "step": 0, **task.evaluate(model)}
     )
     fbytes = float_bytes(model)
@@ -243,13 +251,23 @@ def _run(
     call_hooks(methods, "use_float_model", load_float)
     task.after_prepare(model, training=total > 0)
     # direct quantization (round-to-nearest, before any QAT step): the baseline that QAT improves on
-    direct = (resume and logged_row(metrics, "direct")) or _row(
+    direct = _logged(metrics, "direct", resume) or _row(
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
     )
 
     stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names), resolved)
     last = train_stage(model, task, stage, methods, resume=resume)
     call_hooks(methods, "finish", model, task.method_inputs(last["step"]))
+    # rank 0 converts, evaluates and writes; every rank returns its summary
+    return distributed.on_main(lambda: _finish(recipe, run_dir, task, model, names, fbytes, float_row, direct,
+                                               last, t0))  # fmt: skip
+
+
+def _finish(
+    recipe: Recipe, run_dir: Path, task: Any, model: nn.Module, names: list[str], fbytes: int,
+    float_row: dict[str, Any], direct: dict[str, Any], last: dict[str, Any], t0: float,
+) -> dict[str, Any]:  # fmt: skip
+    metric, metrics = task.metric_name, run_dir / "metrics.jsonl"
     int_model = convert(model)
     final = task.evaluate(int_model)
     key = f"test_{metric}"

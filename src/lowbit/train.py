@@ -13,6 +13,14 @@ scheduler state, method state, the RNG and the step. Batches depend only on (see
 resumed after an interruption (even ``kill -9``) reaches the same weights as an uninterrupted one.
 Resuming refuses a checkpoint written for another method list, naming it.
 
+Under torchrun (``lowbit.distributed``) each rank trains on its slice of every global batch, and the
+gradients are averaged after the backward pass, as DistributedDataParallel computes them, without
+wrapping the model in DDP: a task's loss may call parts of the model (a causal LM's decoder, then its
+head chunk by chunk), which DDP's reducer does not follow, and DDP's buffer broadcast would overwrite
+the ranks' own state with rank 0's. The price is no overlap of the all-reduce with the backward pass.
+Rank 0 writes checkpoints and metrics; each evaluation checks that model, optimizer and method state
+are bit-identical on every rank.
+
 The loop takes method objects and never asks which method it holds (``lowbit.methods``), and a task
 object and never asks which task it is (``lowbit.tasks``).
 """
@@ -31,7 +39,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from lowbit import distributed
+from lowbit.checkpoint import atomic_write_text, flatten_state, load_checkpoint, save_checkpoint
 from lowbit.config import StageConfig
 from lowbit.errors import FormatError, TrainingError
 from lowbit.methods import Method, call_hooks
@@ -155,6 +164,7 @@ class _Optimizers:
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.params)  # one process: nothing
         if self.grad_clip is not None and self.params:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         for o in self.opts:
@@ -341,8 +351,20 @@ def _resume(
     torch.set_rng_state(state["rng"])
     step = int(state["step"])
     loss_sum, loss_count = state["train_loss"]
-    truncate_metrics(stage.metrics, stage.name, step)
+    if distributed.is_main():
+        truncate_metrics(stage.metrics, stage.name, step)
     return step, float(loss_sum), int(loss_count)
+
+
+def _check_ranks(model: nn.Module, opt: _Optimizers, methods: list[Method], where: str) -> None:
+    """Under torchrun: the model, the optimizers' and every method's state bit-identical on every rank."""
+    if distributed.world().size == 1:
+        return
+    tensors = dict(_model_state(model))
+    for i, state in enumerate([opt.state_dict(), *(m.state_dict() for m in methods)]):
+        skeleton = json.dumps(flatten_state(state, f"state{i}", tensors), sort_keys=True).encode()
+        tensors[f"state{i}.plain"] = torch.frombuffer(bytearray(skeleton), dtype=torch.uint8)
+    distributed.check_identical(tensors, where)
 
 
 # -- one stage -------------------------------------------------------------------------------------------
@@ -368,7 +390,14 @@ def train_stage(
     # losses(s) yields the task loss on each training batch from step s on, a fixed sequence per step
     call_hooks(methods, "start", model, lambda s: (task.loss(model, b)[0] for b in task.batches(s)), step)
 
-    def checkpoint() -> None:
+    world = distributed.world()
+
+    def checkpoint() -> None:  # rank 0 writes; every rank holds the same state (checked at each evaluation)
+        if world.main:
+            _save()
+        distributed.barrier()
+
+    def _save() -> None:
         save_checkpoint(
             stage.checkpoint,
             {
@@ -389,10 +418,12 @@ def train_stage(
     def eval_row() -> dict[str, Any]:
         nonlocal loss_sum, loss_count
         row: dict[str, Any] = {"stage": stage.name, "step": step, "epoch": round(step / bpe, 4)}
-        if loss_count:
-            row["train_loss"] = loss_sum / loss_count
+        if loss_count:  # the mean over every rank's shards
+            mean = torch.tensor([loss_sum / loss_count], dtype=torch.float64)
+            row["train_loss"] = distributed.all_reduce(mean, "mean").item()
             row["lr"] = opt.lr
         loss_sum, loss_count = 0.0, 0
+        _check_ranks(model, opt, methods, f"stage {stage.name!r} at step {step}")
         test = task.evaluate(model)
         if any(call_hooks(methods, "before_eval", model, task.method_inputs(step))):
             row[f"before_hooks_{task.metric_name}"] = test[metric]
@@ -400,26 +431,28 @@ def train_stage(
         row.update(test)
         for extra in call_hooks(methods, "metrics", model):
             row.update(extra)
-        append_metrics(stage.metrics, row)
+        if world.main:
+            append_metrics(stage.metrics, row)
         return row
 
     def eval_due() -> bool:
         return step == end or (step % cfg.eval_every == 0 if cfg.eval_every else step % bpe == 0)
 
     model.train()
-    bar = tqdm(total=end, initial=step, desc=stage.name, disable=not stage.progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=end, initial=step, desc=stage.name, disable=not (stage.progress and world.main),
+               dynamic_ncols=True, leave=False)  # fmt: skip
     last: dict[str, Any] = {}
     t_start, first, step_seconds = time.perf_counter(), step, 0.0
     batches = task.batches(step)
     while step < end:
         t_step = time.perf_counter()
-        batch = next(batches)
+        batch, share = distributed.shard(next(batches))  # this rank's part of the global batch (share: 1.0 alone)
         loss, outputs = task.loss(model, batch)
         for m in methods:
             extra = m.loss(model, batch, outputs)
             if extra is not None:
                 loss = loss + extra
-        if not torch.isfinite(loss):
+        if not distributed.agree(bool(torch.isfinite(loss))):  # on any rank
             bar.close()
             kept = f"the last good checkpoint {str(stage.checkpoint)!r} is kept" if stage.checkpoint.exists() else (
                 "no checkpoint was written yet")
@@ -428,9 +461,10 @@ def train_stage(
                 f"Lower {stage.name}.lr (now {cfg.lr:g}) or {stage.name}.scale_lr (now {cfg.scale_lr:g}) "
                 "and start again (or --resume from the checkpoint)"
             )
-        opt.step(loss)
+        opt.step(loss * share if share != 1.0 else loss)
+        distributed.average_buffers(model)  # batch-norm running statistics equal on every rank
         step += 1
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1  # .item() waits for the device
+        loss_sum, loss_count = loss_sum + loss.item() * share, loss_count + 1  # .item() waits
         step_seconds += time.perf_counter() - t_step
         for m in methods:
             m.step(step)
@@ -444,7 +478,7 @@ def train_stage(
             checkpoint()
     bar.close()
     if not last:  # a stage of 0 steps, or resumed when finished: its last evaluation, or one now
-        last = logged_row(stage.metrics, stage.name, step) or eval_row()
+        last = distributed.on_main(lambda: logged_row(stage.metrics, stage.name, step)) or eval_row()
         if end > 0 or not stage.checkpoint.exists():
             checkpoint()
     last["seconds"] = time.perf_counter() - t_start

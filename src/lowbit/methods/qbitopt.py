@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit import distributed
 from lowbit.errors import ConfigError, FormatError
 from lowbit.methods.qbitopt_solve import DEFAULT_CANDIDATES, allocate_exact, allocate_relaxed, fill, objective
 from lowbit.quant import functional as F
@@ -191,12 +192,8 @@ class QBitOpt:
         self.pinned = []
         for i, (name, layer) in enumerate(self.layers):
             glob = next((g for g in s.pin if fnmatch.fnmatchcase(name, g)), None)
-            if glob is not None:
-                self.pinned.append(s.pin[glob] if s.pin[glob] is not None else layer.weight_quantizer.nbits)
-            elif s.pin_first_last and i in (0, last):
-                self.pinned.append(layer.weight_quantizer.nbits)
-            else:
-                self.pinned.append(None)
+            own = layer.weight_quantizer.nbits if glob is not None or (s.pin_first_last and i in (0, last)) else None
+            self.pinned.append(s.pin[glob] if glob is not None and s.pin[glob] is not None else own)
         if all(p is not None for p in self.pinned):
             raise ConfigError("qbitopt: every quantized layer is pinned, so there is nothing to allocate")
         for (_, layer), pin in zip(self.layers, self.pinned, strict=True):
@@ -241,7 +238,8 @@ class QBitOpt:
 
     def step(self, step: int) -> None:
         if self._squares:
-            m = self.settings.momentum
+            m = self.settings.momentum  # under torchrun, the ranks' squared gradients are averaged first
+            distributed.average_tensors([self._squares[n] for n in sorted(self._squares)])
             for name, sq in self._squares.items():
                 f = self.fisher[name]
                 if self.ema_updates == 0:

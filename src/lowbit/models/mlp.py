@@ -6,7 +6,9 @@
 next layer's input, and the sign of a ReLU output is always +1, while sign(hardtanh(x)) = sign(x)).
 
 ``depth=0`` is a linear classifier. Hidden Linear layers have no bias (the BatchNorm after them
-has one), so folding BatchNorm into them for export changes no parameter count. Hidden weights are
+has one), so folding BatchNorm into them for export changes no parameter count; ``batch_norm=False``
+leaves BatchNorm out (the hidden layers get a bias instead): a model whose output for a sample does not
+depend on the rest of its batch. Hidden weights are
 Kaiming-normal (fan_in, ReLU gain); the classifier is N(0, 0.01²) so the initial loss is ≈ ln(10).
 Module names: ``features.1`` is the first hidden Linear, ``classifier`` the last layer.
 """
@@ -33,6 +35,7 @@ class MLP(nn.Module):
         in_channels: int = 1,
         image_size: int = 28,
         act: str = "relu",
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
         require_int("MLP", "width", width, 1, 65_536)
@@ -42,10 +45,13 @@ class MLP(nn.Module):
         require_int("MLP", "image_size", image_size, 1, 4096)
         if act not in ACTIVATIONS:
             raise ConfigError(f"MLP: act={act!r} is not allowed: use one of {', '.join(ACTIVATIONS)}")
+        if not isinstance(batch_norm, bool):
+            raise ConfigError(f"MLP: batch_norm={batch_norm!r} is not allowed: use true or false")
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = in_channels * image_size * image_size
         for _ in range(depth):
-            layers += [nn.Linear(fan_in, width, bias=False), nn.BatchNorm1d(width), ACTIVATIONS[act]()]
+            norm = [nn.BatchNorm1d(width)] if batch_norm else []
+            layers += [nn.Linear(fan_in, width, bias=not batch_norm), *norm, ACTIVATIONS[act]()]
             fan_in = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(fan_in, num_classes)

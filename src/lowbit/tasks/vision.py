@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit import distributed
 from lowbit.checkpoint import load_checkpoint, save_checkpoint
 from lowbit.config import Recipe, recipe_to_dict, stage_hash
 from lowbit.data import load_dataset
@@ -110,19 +111,26 @@ class VisionTask:
         model = self.new_model()
         key = stage_hash(r.data, r.model, r.pretrain, r.seed, data_identity(self.data))
         cache = run_dir.parent / ".cache" / f"float-{r.model.name}-{key}.safetensors"
-        if cache.exists():
+        if distributed.agree(cache.exists()):  # under torchrun every rank takes the same branch
             try:
                 model.load_state_dict(load_checkpoint(cache)["model"])
-                log.info("float model from cache %s", cache)
-                return model
+                loaded = True
             except (FormatError, RuntimeError) as e:
                 log.warning("float cache %s is unusable (%s); training again", cache, e)
+                loaded = False
+            if distributed.agree(loaded):
+                log.info("float model from cache %s", cache)
+                return model
+            torch.manual_seed(r.seed)
+            model = self.new_model()
         if r.pretrain.epochs > 0 or r.pretrain.steps:
             resolved = json.loads(json.dumps(recipe_to_dict(r)))
             stage = Stage("pretrain", r.pretrain, run_dir, r.seed, r.checkpoint_every, progress, (), resolved)
             with torch.random.fork_rng():  # the float stage leaves the global RNG as a cache hit would
                 train_stage(model, self, stage, resume=resume)
-        save_checkpoint(cache, {"model": model.state_dict()})
+        if distributed.is_main():
+            save_checkpoint(cache, {"model": model.state_dict()})
+        distributed.barrier()
         return model
 
     def batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -11,6 +11,7 @@ and a 2-process run with a 1-process one.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ CASES: dict[str, tuple[str, dict[str, Any], list[str]]] = {  # recipe, replaced 
     "cema": ("birealnet-binary", {**BIREAL, "methods": [{"name": "binary", "optimizer": "cema"}]}, VISION),
     "lrqat": ("llm-tiny", {}, ["qat.steps=4", "qat.eval_every=2", "checkpoint_every=2", "threads=1"]),
 }  # fmt: skip
+CASES["lrqat_fsdp"] = CASES["lrqat"]  # the same run, sharded with FSDP2 (a case ending in _fsdp)
 
 
 def recipe(case: str) -> Any:
@@ -92,17 +94,20 @@ def main(out: Path, cases: list[str]) -> None:
         def stage_then_save(model: Any, task: Any, stage: Any, methods: Any = None, resume: bool = False,
                             case: str = case) -> Any:  # fmt: skip
             last = real_stage(model, task, stage, methods, resume=resume)
-            tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+            shards = {n: p.to_local().numel() for n, p in model.named_parameters() if distributed.is_dtensor(p)}
+            (out / case / f"shards-rank{world.rank}.json").write_text(json.dumps(shards))
+            whole = distributed.full_tensors(model.state_dict())  # gathered where FSDP sharded it
+            tensors = {f"model.{k}": v.detach().clone() for k, v in whole.items()}
             for i, m in enumerate(methods or []):
                 flatten_state(m.state_dict(), f"method{i}", tensors)
-            flatten_state(opts[-1].state_dict(), "optimizer", tensors)
+            flatten_state(distributed.full_tensors(opts[-1].state_dict()), "optimizer", tensors)
             path = out / case / f"rank{world.rank}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
             return last
 
         lowbit.run.train_stage = stage_then_save  # type: ignore[assignment]
         (out / case).mkdir(parents=True, exist_ok=True)
-        lowbit.run.run(recipe(case), out / case / "run", progress=False, force=True)
+        lowbit.run.run(recipe(case), out / case / "run", progress=False, force=True, fsdp=case.endswith("_fsdp"))
     distributed.shutdown()
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.xdist_group("distributed")  # one worker runs the modul
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
-CASES = ["qat", "freeze_bn", "qbitopt", "cema", "lrqat", "nobn_w8"]
+CASES = ["qat", "freeze_bn", "qbitopt", "cema", "lrqat", "nobn_w8", "lrqat_fsdp"]
 
 
 def torchrun(n: int, args: list[str], timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -96,6 +96,54 @@ def test_two_processes_reach_one_process_weights_up_to_float_rounding(trained: t
             if k.startswith("model.") and v.is_floating_point() and v.numel():
                 tol = rel * float(v.abs().max()) + absolute
                 assert float((a[k] - v).abs().max()) <= tol, (case, k)
+
+
+def test_fsdp_shards_every_parameter_and_trains_as_the_unsharded_run(trained: tuple[Path, Path]) -> None:
+    """FSDP2 over 2 processes: Φ0 (int8, frozen), adapters, scales, embeddings each held half per rank; the
+    weights reached equal the gradient-averaging run's to float rounding (1e-6; measured 2e-8)."""
+    two = trained[0]
+    whole = load_file(two / "lrqat_fsdp" / "rank0.safetensors")
+    for rank in (0, 1):
+        shards = json.loads((two / "lrqat_fsdp" / f"shards-rank{rank}.json").read_text())
+        phi0 = [k for k in shards if k.endswith(".phi0")]
+        assert len(phi0) == 14 and all(k.endswith((".phi0", ".lora_a", ".lora_b", ".scale", ".weight")) for k in shards)
+        for k in phi0 + ["model.embed_tokens.weight"]:
+            assert shards[k] * 2 == whole[f"model.{k}"].numel()
+    assert json.loads((two / "lrqat" / "shards-rank0.json").read_text()) == {}
+    ddp = load_file(two / "lrqat" / "rank0.safetensors")
+    assert whole.keys() == ddp.keys()
+    for k, v in ddp.items():
+        if v.is_floating_point() and v.numel():
+            assert float((whole[k] - v).abs().max()) <= 1e-6, k
+
+
+def test_a_sharded_run_resumes_in_one_process_to_the_same_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """The checkpoint holds whole tensors, written once by rank 0: one process resumes the finished FSDP run
+    from it (no step left) and writes the same integer model."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(trained[0] / "lrqat_fsdp" / "run", runs / "run")
+    before = lowbit.load(runs / "run" / "model.safetensors").state_dict()
+    (runs / "run" / "model.safetensors").unlink()
+    args = ["llm-tiny", "qat.steps=4", "qat.eval_every=2", "checkpoint_every=2", "threads=1", "--no-progress"]
+    cmd = [sys.executable, "-m", "lowbit", "train", *args, "--runs", str(runs), "--name", "run", "--resume"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = lowbit.load(runs / "run" / "model.safetensors").state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path) -> None:
+    from lowbit.config import load_recipe
+    from lowbit.run import run
+
+    with pytest.raises(ConfigError, match="--fsdp shards causal language models"):
+        run(load_recipe(ROOT / "recipes" / "tiny.yaml"), tmp_path / "a", fsdp=True)
+    llm = load_recipe(ROOT / "recipes" / "llm-tiny.yaml", ["methods=[{name: qbitopt, average_bits: 3}]"])
+    with pytest.raises(ConfigError, match=r"--fsdp: methods \['qbitopt'\] read their layers' weights"):
+        run(llm, tmp_path / "b", fsdp=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_drifted_state_and_a_failure_on_rank_zero_stop_every_rank(trained: tuple[Path, Path]) -> None:

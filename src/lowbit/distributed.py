@@ -39,7 +39,8 @@ from lowbit.errors import ConfigError, FormatError, TrainingError
 
 __all__ = [
     "World", "init", "world", "is_main", "shard", "average_tensors", "average_gradients", "average_buffers",
-    "all_reduce", "on_main",
+    "all_reduce", "on_main", "shard_model", "is_sharded", "is_dtensor", "full_tensors", "fit_state",
+    "fit_optimizer_state",
     "broadcast_object", "agree", "barrier", "tensor_digests", "check_identical", "shutdown",
 ]  # fmt: skip
 
@@ -186,7 +187,9 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     part with zeros from the others, so the collective calls match on every rank."""
     if world().size == 1:
         return
-    params = list(params)
+    params = [p for p in params if not is_dtensor(p)]  # FSDP reduce-scatters its own
+    if not params:
+        return
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
     all_reduce(has, "sum")
     used = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
@@ -229,6 +232,77 @@ def on_main(fn: Callable[[], Any]) -> Any:
     if kind != "ok":
         raise _ERRORS.get(kind, RuntimeError)(value if kind in _ERRORS else f"rank 0 failed: {kind}: {value}")
     return value
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------------
+
+
+def is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model ``shard_model`` sharded (its parameters are DTensors, gathered only while it runs)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 (``fully_shard``): one unit per block of the model's largest ``nn.ModuleList`` (a transformer's
+    decoder layers), then the root for the rest (embeddings, final norm, head). Every parameter, frozen
+    ones included (LR-QAT's Φ0 is one), is split in N along dim 0; a block's are all-gathered while it
+    runs forward or backward, and gradients are reduce-scattered, so ``average_gradients`` leaves them."""
+    from torch.distributed.fsdp import fully_shard
+
+    if world().size == 1:
+        return
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError(f"--fsdp: {type(model).__name__} has no list of blocks (nn.ModuleList) to shard by; "
+                          "train it without --fsdp (gradients are then averaged, the model held whole)")  # fmt: skip
+    blocks = max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def full_tensors(obj: Any) -> Any:
+    """``obj`` (a state dict, nested) with every DTensor gathered whole; a collective when it holds any, so
+    every rank must call it with the same structure. Plain tensors are returned as they are."""
+    if is_dtensor(obj):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(full_tensors(v) for v in obj)
+    return obj
+
+
+def _local_like(full: torch.Tensor, like: Any) -> torch.Tensor:
+    """``full`` as a DTensor sharded like ``like`` (each rank keeps its own part; no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def fit_state(state: dict[str, torch.Tensor], current: dict[str, Any]) -> dict[str, Any]:
+    """A whole-tensor state dict (as checkpoints hold it) made loadable into a model whose ``state_dict()``
+    is ``current``: entries that are DTensors there become this rank's shard."""
+    return {k: _local_like(v, current[k]) if k in current and is_dtensor(current[k]) else v for k, v in state.items()}
+
+
+def fit_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` of a whole-tensor optimizer state: each sharded parameter's state tensors
+    of its full shape become shards like the parameter (a scalar such as Adam's step stays as it is)."""
+    for p, st in opt.state.items():
+        if is_dtensor(p):
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and not is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                    st[k] = _local_like(v, p)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

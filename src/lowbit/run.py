@@ -207,16 +207,25 @@ def _logged(metrics: Path, stage: str, resume: bool) -> dict[str, Any] | None:
 
 
 def run(
-    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
-) -> dict[str, Any]:
+    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False,
+    fsdp: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Run a recipe end to end into ``run_dir``; returns the summary (also written to summary.json).
 
     ``run_dir`` is locked for the whole run. Without ``resume`` a directory holding checkpoints or a
     finished run is refused unless ``force`` (which deletes them: the user asked); with ``resume`` the
-    recipe must be the one the directory was written with.
+    recipe must be the one the directory was written with. Under torchrun, ``fsdp`` shards the model with
+    FSDP2 (``lowbit.distributed.shard_model``) instead of holding it whole on every process; checkpoints
+    hold whole tensors either way, so a run may resume with or without it, on any number of processes.
     """
     t0 = time.perf_counter()
     build_methods(recipe.methods, total_steps=1)  # a bad method setting fails before anything is written
+    if fsdp and recipe.task != "causal_lm":
+        raise ConfigError(f"--fsdp shards causal language models (task: causal_lm); task={recipe.task!r} trains "
+                          "with the model whole on every process: leave --fsdp out")  # fmt: skip
+    if fsdp and recipe.methods:
+        raise ConfigError(f"--fsdp: methods {[m['name'] for m in recipe.methods]} read their layers' weights "
+                          "outside the forward pass, where FSDP holds only shards; train without --fsdp")  # fmt: skip
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     distributed.init(recipe.device)  # under torchrun: join the other processes (rank 0 alone writes files)
@@ -224,22 +233,12 @@ def run(
     task = build_task(recipe)  # data and model load (or fail) before the run directory is touched
     with contextlib.ExitStack() as held:
         distributed.on_main(lambda: held.enter_context(run_lock(run_dir)))
-        return _run(recipe, run_dir, task, resume, progress, force, t0)
+        return _run(recipe, run_dir, task, resume, progress, force, t0, fsdp)
 
 
-def _run(
-    recipe: Recipe, run_dir: Path, task: Any, resume: bool, progress: bool, force: bool, t0: float
-) -> dict[str, Any]:
-    resolved = distributed.on_main(lambda: _start(recipe, run_dir, resume, force))
-    metrics = run_dir / "metrics.jsonl"
-    model = task.float_model(run_dir, resume, progress)
-    float_row = _logged(metrics, "float", resume) or _row(
-        metrics, "float", {"stage": "float", "step": 0, **task.evaluate(model)}
-    )
-    fbytes = float_bytes(model)
-
+def _quantized(recipe: Recipe, task: Any, model: nn.Module, run_dir: Path, total: int) -> list[Any]:
+    """``prepare`` the float model and attach the recipe's methods; returns the methods."""
     prepare(model, recipe.quant, calib=task.calib(recipe.calib_batches))
-    total = stage_steps(recipe.qat, task.steps_per_epoch)
     names = [spec["name"] for spec in recipe.methods]
     methods = build_methods(recipe.methods, total_steps=total)
     attach_methods(methods, model, names)
@@ -250,6 +249,25 @@ def _run(
 
     call_hooks(methods, "use_float_model", load_float)
     task.after_prepare(model, training=total > 0)
+    return methods
+
+
+def _run(
+    recipe: Recipe, run_dir: Path, task: Any, resume: bool, progress: bool, force: bool, t0: float, fsdp: bool
+) -> dict[str, Any]:
+    resolved = distributed.on_main(lambda: _start(recipe, run_dir, resume, force))
+    metrics = run_dir / "metrics.jsonl"
+    model = task.float_model(run_dir, resume, progress)
+    float_row = _logged(metrics, "float", resume) or _row(
+        metrics, "float", {"stage": "float", "step": 0, **task.evaluate(model)}
+    )
+    fbytes = float_bytes(model)
+
+    total = stage_steps(recipe.qat, task.steps_per_epoch)
+    names = [spec["name"] for spec in recipe.methods]
+    methods = _quantized(recipe, task, model, run_dir, total)
+    if fsdp:
+        distributed.shard_model(model)
     # direct quantization (round-to-nearest, before any QAT step): the baseline that QAT improves on
     direct = _logged(metrics, "direct", resume) or _row(
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
@@ -258,9 +276,20 @@ def _run(
     stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names), resolved)
     last = train_stage(model, task, stage, methods, resume=resume)
     call_hooks(methods, "finish", model, task.method_inputs(last["step"]))
+    if distributed.is_sharded(model):  # rank 0 needs the whole model: gathered into a copy built the same way
+        whole = distributed.full_tensors(model.state_dict())
+
+        def unsharded() -> nn.Module:
+            with torch.random.fork_rng():
+                copy = task.float_model(run_dir, resume=True, progress=False)
+                _quantized(recipe, task, copy, run_dir, total)
+            copy.load_state_dict(whole)
+            return copy
+    else:
+        unsharded = lambda: model  # noqa: E731
     # rank 0 converts, evaluates and writes; every rank returns its summary
-    return distributed.on_main(lambda: _finish(recipe, run_dir, task, model, names, fbytes, float_row, direct,
-                                               last, t0))  # fmt: skip
+    return distributed.on_main(lambda: _finish(recipe, run_dir, task, unsharded(), names, fbytes, float_row,
+                                               direct, last, t0))  # fmt: skip
 
 
 def _finish(

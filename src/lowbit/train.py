@@ -338,8 +338,10 @@ def _resume(
     state = load_checkpoint(stage.checkpoint)
     _check_state(state, stage, opt, len(methods), end)
     try:
-        _load_model_state(model, state["model"], stage.checkpoint)
+        _load_model_state(model, distributed.fit_state(state["model"], model.state_dict()), stage.checkpoint)
         opt.load_state_dict(state)
+        for o in opt.opts:
+            distributed.fit_optimizer_state(o)
         _check_hyperparameters(opt, stage)
         for m, s in zip(methods, state["methods"], strict=True):
             m.load_state_dict(s)
@@ -364,7 +366,8 @@ def _check_ranks(model: nn.Module, opt: _Optimizers, methods: list[Method], wher
     for i, state in enumerate([opt.state_dict(), *(m.state_dict() for m in methods)]):
         skeleton = json.dumps(flatten_state(state, f"state{i}", tensors), sort_keys=True).encode()
         tensors[f"state{i}.plain"] = torch.frombuffer(bytearray(skeleton), dtype=torch.uint8)
-    distributed.check_identical(tensors, where)
+    # under FSDP a sharded tensor holds each rank's own part: the rest must agree
+    distributed.check_identical({k: v for k, v in tensors.items() if not distributed.is_dtensor(v)}, where)
 
 
 # -- one stage -------------------------------------------------------------------------------------------
@@ -393,16 +396,18 @@ def train_stage(
     world = distributed.world()
 
     def checkpoint() -> None:  # rank 0 writes; every rank holds the same state (checked at each evaluation)
+        # whole tensors, also under FSDP (gathered from the shards), so any number of processes can resume
+        model_state, opt_state = distributed.full_tensors((_model_state(model), opt.state_dict()))
         if world.main:
-            _save()
+            _save(model_state, opt_state)
         distributed.barrier()
 
-    def _save() -> None:
+    def _save(model_state: dict[str, torch.Tensor], opt_state: dict[str, Any]) -> None:
         save_checkpoint(
             stage.checkpoint,
             {
-                "model": _model_state(model),
-                **opt.state_dict(),
+                "model": model_state,
+                **opt_state,
                 "methods": [m.state_dict() for m in methods],
                 "methods_names": list(stage.method_names),
                 "recipe": stage.recipe,

@@ -260,7 +260,8 @@ class LowRankQuantLinear(nn.Module):
         self.weight_quantizer, ratio = _grid_units(w0, spec)
         self.input_quantizer = _input_quantizer(act, in_f, w0.device)
         q = self.weight_quantizer
-        self.register_buffer("phi0", self.codec.encode(ratio, spec.bits, bool(q.signed)))
+        # a frozen parameter rather than a buffer, so FSDP shards it with the rest (lowbit.distributed)
+        self.phi0 = nn.Parameter(self.codec.encode(ratio, spec.bits, bool(q.signed)), requires_grad=False)
         self.register_buffer("phi_bits", torch.tensor(spec.bits, dtype=torch.int64))  # the grid Φ0 is in
         self.lora_a = nn.Parameter(torch.zeros(out_f, rank, device=w0.device), requires_grad=rank > 0)
         self.lora_b = nn.Parameter(torch.empty(rank, in_f, device=w0.device), requires_grad=rank > 0)
@@ -367,7 +368,7 @@ class LowRankQuantLinear(nn.Module):
         ratio = _grid_ratio(q, bits)  # validates nothing yet: set_bits below does
         old = self.phi0_float()
         q.set_bits(bits)  # keep_range: s' = s·ratio
-        self.phi0 = self.codec.encode(old / ratio, bits, bool(q.signed))
+        self.phi0 = nn.Parameter(self.codec.encode(old / ratio, bits, bool(q.signed)), requires_grad=False)
         self.phi_bits.fill_(bits)
         self.lora_a.div_(ratio)
 
@@ -375,7 +376,7 @@ class LowRankQuantLinear(nn.Module):
         # packed-int Φ0 changes size with the bit width: a state saved after set_bits brings its own shape
         incoming = state_dict.get(prefix + "phi0")
         if isinstance(incoming, Tensor) and incoming.shape != self.phi0.shape and incoming.dtype == self.phi0.dtype:
-            self.phi0 = torch.empty_like(incoming, device=self.phi0.device)
+            self.phi0 = nn.Parameter(torch.empty_like(incoming, device=self.phi0.device), requires_grad=False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lowbit import distributed
 from lowbit.config import Recipe
 from lowbit.errors import ConfigError
 
@@ -66,7 +67,8 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_tokens: int = 256)
     """
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     targets = ids[:, 1:].reshape(-1)
-    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
+    # a model sharded by FSDP gathers its embeddings and head only when called as a whole
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module) or distributed.is_sharded(model):
         logits = logits_of(model, ids)
         return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
     hidden = decoder(ids).last_hidden_state[:, :-1]
@@ -128,11 +130,14 @@ class TextTask:
         return cls(recipe, AutoTokenizer.from_pretrained(folder))
 
     def float_model(self, run_dir: Path, resume: bool, progress: bool) -> nn.Module:
-        if self.model is None:
+        """The pretrained model: the one loaded with the tokenizer the first time, a fresh copy after that
+        (a teacher, or rank 0's whole copy of a sharded model, must not be the model in training)."""
+        model, self.model = self.model, None
+        if model is None:
             from lowbit.llm.models import load_causal_lm
 
-            self.model, _ = load_causal_lm(self.recipe.model.name, self.recipe.model.args, self.recipe.seed)
-        return self.model.to(self.device)
+            model, _ = load_causal_lm(self.recipe.model.name, self.recipe.model.args, self.recipe.seed)
+        return model.to(self.device)
 
     def batch(self, step: int) -> torch.Tensor:
         """The ``batch_size`` blocks of step ``step`` (B, seq_len)."""

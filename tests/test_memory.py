@@ -182,6 +182,188 @@ def test_cli_bad_value_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) ->
     assert "phi='q4' is not allowed" in capsys.readouterr().err
 
 
+# Today's single-device figures (frozen, trainable, activations, intermediate, logits, total), printed by the
+# estimator as it was before FSDP (commit c055558): devices=1 must give them exactly.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": dict(batch=1, seq_len=1024, dtype=torch.bfloat16, grad_accumulation=True),  # the 20.5 GB figure
+    "default": dict(),
+    "ckpt": dict(batch=2, seq_len=256, block_checkpointing=True, foreach=False, loss_chunk=128,
+                 train_embeddings=False, phi="int", bits=3),
+}  # fmt: skip
+TODAY = {
+    ("paper", "llama2-7b", "eval"): (13476831232, 0, 929038336, 0, 65536000, 14405869568),
+    ("paper", "llama2-7b", "fp32"): (0, 13476831232, 12582912000, 0, 393216000, 67384156160),
+    ("paper", "llama2-7b", "full_qat"): (0, 13482270720, 12582912000, 19428016128, 393216000, 86390898688),
+    ("paper", "llama2-7b", "lrqat"): (7000825856, 325255168, 12012486656, 0, 393216000, 21216108544),
+    ("paper", "llama2-7b", "scales_only"): (7000825856, 5439488, 12012486656, 0, 393216000, 19576135680),
+    ("paper", "llama2-7b", "qlora"): (32910286848, 319815680, 12041846784, 0, 393216000, 46624612352),
+    ("paper", "smollm2-135m", "eval"): (269030016, 0, 106954752, 0, 100663296, 393286272),
+    ("paper", "smollm2-135m", "fp32"): (0, 269030016, 2505572352, 0, 603979776, 4185672192),
+    ("paper", "smollm2-135m", "full_qat"): (0, 269652096, 2505572352, 318504960, 603979776, 4506665472),
+    ("paper", "smollm2-135m", "lrqat"): (162861696, 39697920, 2430074880, 0, 603979776, 3355708032),
+    ("paper", "smollm2-135m", "scales_only"): (162861696, 622080, 2430074880, 0, 603979776, 3199404672),
+    ("paper", "smollm2-135m", "qlora"): (588157056, 39075840, 2457600000, 0, 603979776, 3806040192),
+    ("default", "llama2-7b", "eval"): (26953662464, 0, 744488960, 0, 65536000, 27698151424),
+    ("default", "llama2-7b", "fp32"): (0, 26953662464, 6668943360, 0, 196608000, 134768312320),
+    ("default", "llama2-7b", "full_qat"): (0, 26959101952, 6668943360, 32380026880, 196608000, 134795509760),
+    ("default", "llama2-7b", "lrqat"): (7525646336, 325255168, 6106906624, 0, 196608000, 15510093824),
+    ("default", "llama2-7b", "scales_only"): (7525646336, 5439488, 6106906624, 0, 196608000, 14189936640),
+    ("default", "llama2-7b", "qlora"): (33435107328, 319815680, 6121586688, 0, 196608000, 40712749056),
+    ("default", "smollm2-135m", "eval"): (538060032, 0, 57409536, 0, 100663296, 662316288),
+    ("default", "smollm2-135m", "fp32"): (0, 538060032, 1018036224, 0, 301989888, 2934206208),
+    ("default", "smollm2-135m", "full_qat"): (0, 538682112, 1018036224, 530841600, 301989888, 3466914048),
+    ("default", "smollm2-135m", "lrqat"): (219555072, 39697920, 943718400, 0, 301989888, 1584357120),
+    ("default", "smollm2-135m", "scales_only"): (219555072, 622080, 943718400, 0, 301989888, 1467129600),
+    ("default", "smollm2-135m", "qlora"): (644850432, 39075840, 957480960, 0, 301989888, 2021548800),
+    ("ckpt", "llama2-7b", "eval"): (26953662464, 0, 710934528, 0, 65536000, 27664596992),
+    ("ckpt", "llama2-7b", "fp32"): (1049640960, 25904021504, 451411968, 0, 49152000, 105714302976),
+    ("ckpt", "llama2-7b", "full_qat"): (1049640960, 25909460992, 451411968, 1011875840, 49152000, 105736060928),
+    ("ckpt", "llama2-7b", "lrqat"): (3478142976, 325255168, 451411968, 0, 49152000, 5807095808),
+    ("ckpt", "llama2-7b", "scales_only"): (3478142976, 5439488, 451411968, 0, 49152000, 4486938624),
+    ("ckpt", "llama2-7b", "qlora"): (33435107328, 319815680, 451870720, 0, 49152000, 34846425088),
+    ("ckpt", "smollm2-135m", "eval"): (538060032, 0, 50331648, 0, 100663296, 662316288),
+    ("ckpt", "smollm2-135m", "fp32"): (113386752, 424673280, 63832064, 0, 75497472, 2038572288),
+    ("ckpt", "smollm2-135m", "full_qat"): (113386752, 425295360, 63832064, 17694720, 75497472, 2041060608),
+    ("ckpt", "smollm2-135m", "lrqat"): (153199872, 39697920, 63832064, 0, 75497472, 384884480),
+    ("ckpt", "smollm2-135m", "scales_only"): (153199872, 622080, 63832064, 0, 75497472, 267656960),
+    ("ckpt", "smollm2-135m", "qlora"): (644850432, 39075840, 64290816, 0, 75497472, 874668800),
+}
+BUILTIN = ("llama2-7b", "smollm2-135m")
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("config", BUILTIN)
+def test_one_device_is_the_single_device_model_exactly(setting: str, config: str) -> None:
+    for method in METHODS:
+        for kw in ({}, {"devices": 1}):
+            est = estimate_training_memory(CONFIGS[config], method, **SETTINGS[setting], **kw)
+            got = tuple(est[k] for k in ("frozen", "trainable", "activations", "intermediate", "logits", "total"))
+            assert got == TODAY[setting, config, method], (method, kw)
+            assert est["gradients"] == est["trainable"] and est["optimizer"] == 2 * est["trainable"]
+            assert est["unsharded"] == 0
+
+
+def _replicated(config: dict[str, Any], method: str) -> int:
+    """QLoRA's int8 integers and float32 cache, 5 bytes per weight of the 7 linears: buffers, not sharded."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    ad = h  # head_dim · heads
+    kvd = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    weights = 2 * ad * h + 2 * kvd * h + 3 * i * h
+    return layers * 5 * weights if method == "qlora" else 0
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_fsdp_shards_divide_by_n_and_the_rest_stays(config: str) -> None:
+    c = CONFIGS[config]
+    for method in METHODS:
+        one = estimate_training_memory(c, method, **SETTINGS["paper"])
+        rep = _replicated(c, method)
+        gathered = None
+        for n in (2, 4, 8):
+            est = estimate_training_memory(c, method, devices=n, **SETTINGS["paper"])
+            for key in ("trainable", "gradients", "optimizer"):  # sharded: exactly 1/N (padding ignored)
+                assert est[key] * n == one[key], (method, n, key)
+            assert (est["frozen"] - rep) * n == one["frozen"] - rep, (method, n)  # buffers stay whole
+            for key in ("activations", "intermediate", "logits"):  # each device runs its own batch
+                assert est[key] == one[key], (method, n, key)
+            assert est["unsharded"] > 0 and gathered in (None, est["unsharded"])  # a root and blocks, any N
+            gathered = est["unsharded"]
+
+
+def _on(config: str, method: str, devices: int, setting: str) -> dict[str, float]:
+    return estimate_training_memory(CONFIGS[config], method, devices=devices, **SETTINGS[setting])
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_fsdp_totals_fall_with_n_but_not_below_the_unsharded_part(setting: str) -> None:
+    for config in CONFIGS:
+        for method in METHODS:
+            ests = [_on(config, method, n, setting) for n in (2, 4, 8)]
+            totals = [e["total"] for e in ests]
+            assert totals[0] > totals[1] > totals[2], (config, method)
+            for e in ests:  # what no N shards: the activations and the gathered root and blocks
+                assert e["total"] >= e["activations"] + e["unsharded"], (config, method)
+
+
+def test_fsdp_from_one_to_two_devices() -> None:
+    """Sharding saves memory for every built-in model and method at the paper's setting, except QLoRA on a
+    model with a large vocabulary: its weights are replicated buffers, and the root FSDP gathers for the
+    whole step (128256 x 2048 bf16 embeddings) comes on top of its shard."""
+    for config in CONFIGS:
+        for method in METHODS:
+            one, two = (_on(config, method, n, "paper")["total"] for n in (1, 2))
+            assert (two > one) == ((config, method) == ("llama3.2-1b", "qlora")), (config, method, one, two)
+
+
+def test_fsdp_by_hand() -> None:
+    """TINY, rank 2, batch 1 x seq 4, float32, 2 devices (the single-device terms as in the tests above)."""
+    kw: dict[str, Any] = dict(rank=2, batch=1, seq_len=4, devices=2)
+    root = (10 * 8 * 2 + 8) * 4  # embeddings, head, final norm: gathered for the whole step
+    # lrqat: Φ0 (a frozen parameter) + norms + float32 scales and adapters of one block, unsharded
+    block = 576 * 1 + 2 * 8 * 4 + 4 * (64 + 256)
+    grads = 4 * (64 + 256)
+    frozen, trainable = HAND["lrqat"]
+    units = 2 * block + 2 * grads  # the running block and the prefetched one; its gradient and the last's
+    kept, recompute, logits = 2 * 2176, 128 * 20, 3 * 4 * 10 * 4
+    est = estimate_training_memory(TINY, "lrqat", **kw)
+    assert (est["frozen"], est["trainable"], est["unsharded"]) == (frozen / 2, trainable / 2, root + units)
+    backward = max(logits + block, recompute + units)
+    assert est["total"] == frozen / 2 + 3 * trainable / 2 + max(kept + root + backward, trainable / 2 + trainable / 2)
+    # fp32: the root trains, so its head and final-norm gradients (80 + 8 values) stay unsharded in backward
+    # and at its end all root gradients meet the root; the whole model's gradients are 1/2
+    block = grads = 576 * 4 + 2 * 8 * 4
+    head_grad = (80 + 8) * 4
+    trainable = HAND["fp32"][1]
+    kept = 2 * (2176 + 2 * 4 * 8 * 4) + 4 * 8 * 4 + 2 * 4 * 8 * 4  # normalised inputs, final norm's terms
+    units = 2 * block + 2 * grads
+    est = estimate_training_memory(TINY, "fp32", **kw)
+    assert est["unsharded"] == root + head_grad + units
+    backward = max(logits + block, units)
+    phases = max(kept + root + head_grad + backward, trainable / 2 + max(trainable / 2, 2 * root))
+    assert est["total"] == 3 * trainable / 2 + phases
+    # qlora: the int8 integers and float32 cache (5 bytes per weight) are buffers, whole on each device
+    frozen = HAND["qlora"][0]
+    qlora = estimate_training_memory(TINY, "qlora", **kw)
+    assert qlora["frozen"] == (frozen - 2 * 5 * 576) / 2 + 2 * 5 * 576
+    # eval: weights halved, the KV cache, the root, then a block's tensors with two blocks' weights
+    ev = estimate_training_memory(TINY, "eval", **kw)
+    kv_cache, eval_block = 2 * 2 * 4 * 4 * 4, 2176 + 2 * 4 * 8 * 4
+    assert ev["total"] == HAND["eval"][0] / 2 + kv_cache + root + max(eval_block + 2 * block, 4 * 10 * 4)
+
+
+@pytest.mark.parametrize("devices", [0, -1, 2.5, True, "2", None])
+def test_bad_devices_name_the_field(devices: Any) -> None:
+    with pytest.raises(ConfigError, match=r"^devices=.* is not allowed: use an int >= 1"):
+        estimate_training_memory(TINY, "lrqat", devices=devices)
+
+
+def test_new_configs_have_the_published_parameter_counts() -> None:
+    counts = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama3.2-1b": 1_235_814_400,
+              "smollm2-135m": 134_515_008}  # fmt: skip
+    for name, count in counts.items():
+        assert estimate_training_memory(load_config(name), "fp32")["trainable"] == 4 * count  # float32 bytes
+
+
+def test_cli_per_device_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["memory", "--devices", "4", "--unit", "GB", "--method", "lrqat", "--grad-accumulation"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP over 4 devices (GB per device)" in out.splitlines()[0]
+    assert out.splitlines()[1].split()[-3:] == ["(peak)", "per", "device"]
+    row = next(line.split() for line in out.splitlines() if line.split()[0] == "lrqat")
+    est = estimate_training_memory(
+        CONFIGS["llama2-7b"], "lrqat", seq_len=1024, dtype=torch.bfloat16, grad_accumulation=True, loss_chunk=256,
+        devices=4,
+    )  # fmt: skip
+    assert row[-1] == f"{est['total'] / 1e9:.2f}" and row[-2] == f"{est['unsharded'] / 1e9:.2f}"
+    assert main(["memory", "--method", "lrqat"]) == 0
+    assert "per device" not in capsys.readouterr().out  # one device: no FSDP
+    assert main(["memory", "--devices", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "devices=0 is not allowed" in err
+    assert main(["memory", "--unit", "MB"]) == 2
+    assert "--unit='MB' is not allowed" in capsys.readouterr().err
+
+
 class _LiveTensors(TorchDispatchMode):
     """Peak bytes held by storages created under this mode (those of ``known`` tensors excluded)."""
 

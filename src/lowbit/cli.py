@@ -7,9 +7,9 @@
     lowbit report RUN
     lowbit runs [--runs DIR]
     lowbit recipes
-    lowbit memory [--config llama2-7b|smollm2-135m|PATH] [--method NAME|all] [--batch N] [--seq-len N]
-                  [--bits B] [--rank R] [--phi PHI] [--group-size G] [--dtype fp32|bf16]
-                  [--block-checkpointing] [--grad-accumulation]
+    lowbit memory [--config llama2-7b|llama2-13b|llama3.2-1b|smollm2-135m|PATH] [--method NAME|all]
+                  [--batch N] [--seq-len N] [--bits B] [--rank R] [--phi PHI] [--group-size G]
+                  [--dtype fp32|bf16] [--block-checkpointing] [--grad-accumulation] [--devices N] [--unit GiB|GB]
 
 RECIPE is a YAML file or the name of a shipped recipe (``lowbit recipes`` lists them). Errors a user can
 fix (bad keys or values, missing data, damaged checkpoints) print one line saying what and how, and exit
@@ -135,7 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if chosen:
         log.info("lowbit train: %s", chosen)
     try:
-        summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force)
+        summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force,
+                      fsdp=args.fsdp)  # fmt: skip
     finally:
         distributed.shutdown()
     report = run_dir / "report.html"
@@ -292,6 +293,9 @@ def cmd_memory(args: argparse.Namespace) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise ConfigError(f"--dtype={args.dtype!r} is not allowed: use one of {', '.join(dtypes)}")
+    units = {"GiB": 2**30, "GB": 1e9}
+    if args.unit not in units:
+        raise ConfigError(f"--unit={args.unit!r} is not allowed: use GiB (2^30 bytes) or GB (10^9 bytes)")
     if args.method != "all" and args.method not in METHODS:
         raise ConfigError(f"--method={args.method!r} is not allowed: use all or one of {', '.join(METHODS)}")
     config = load_config(args.config)
@@ -300,23 +304,34 @@ def cmd_memory(args: argparse.Namespace) -> int:
         dtype=dtypes[args.dtype], block_checkpointing=args.block_checkpointing,
         grad_accumulation=args.grad_accumulation,
         granularity="channel" if args.group_size is None else "group", group_size=args.group_size,
-        loss_chunk=args.loss_chunk or None,
+        loss_chunk=args.loss_chunk or None, devices=args.devices,
     )  # fmt: skip
+    fsdp = isinstance(args.devices, int) and args.devices > 1
     cols = ["frozen", "trainable", "gradients", "optimizer", "activations", "intermediate", "logits", "total"]
     rows = [["method", "frozen", "trainable", "grads", "AdamW", "activations", "Ŵ saved", "logits", "total (peak)"]]
+    if fsdp:  # FSDP's gathered root and blocks; the total is one device's
+        cols.insert(-1, "unsharded")
+        rows[0][-1:] = ["FSDP gathered", "total (peak) per device"]
     for m in METHODS if args.method == "all" else [args.method]:
         est = estimate_training_memory(config, m, **kw)
-        rows.append([m, *(f"{est[c] / 2**30:.2f}" for c in cols)])
+        rows.append([m, *(f"{est[c] / units[args.unit]:.2f}" for c in cols)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     grid = "per channel" if args.group_size is None else f"per group of {args.group_size}"
     print(
         f"{args.config}: batch {args.batch} x seq {args.seq_len}, {args.dtype} weights, W{args.bits} {grid}, "
         f"rank {args.rank}, phi {args.phi}{', block checkpointing' if args.block_checkpointing else ''}"
-        f"{', gradient accumulation' if args.grad_accumulation else ''} (GiB)"
+        f"{', gradient accumulation' if args.grad_accumulation else ''}"
+        f"{f', FSDP over {args.devices} devices ({args.unit} per device)' if fsdp else f' ({args.unit})'}"
     )
     for r in rows:
         print("  " + "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]))
     print("  total is the step's peak, not the row's sum: activations are freed as gradients arrive")
+    if fsdp:
+        print(
+            f"  per device: weights, gradients and AdamW states are 1/{args.devices} shards (qlora's integers and "
+            "cache whole),\n  activations are each device's own batch; FSDP gathered: the root (embeddings, head, "
+            "final norm),\n  two blocks' parameters and gradients, unsharded while they run"
+        )
     return 0
 
 
@@ -350,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="run name (default: the recipe's name)")
     t.add_argument("--runs", default="runs", help="root directory of runs (default: runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (causal LMs, no methods), not a copy per process")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="evaluate a finished run's integer model (model.safetensors)")
     e.add_argument("run", help="run directory, e.g. runs/default")
@@ -375,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list shipped recipes")
     r.set_defaults(func=cmd_recipes)
     mm = sub.add_parser("memory", help="predict the peak training memory of LLM QAT methods (lrqat, full_qat, ...)")
-    mm.add_argument("--config", default="llama2-7b", help="llama2-7b, smollm2-135m or a config.json path")
+    mm.add_argument(
+        "--config", default="llama2-7b", help="llama2-7b, llama2-13b, llama3.2-1b, smollm2-135m or a config.json path"
+    )
     mm.add_argument("--method", default="all", help="all (default), eval, fp32, full_qat, lrqat, scales_only, qlora")
     mm.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     mm.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
@@ -389,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument(
         "--loss-chunk", type=int, default=256, help="tokens per chunk of the chunked loss (default 256); 0: full logits"
     )
+    mm.add_argument(
+        "--devices", type=int, default=1, help="FSDP2 over N devices, a unit per block (default 1: no FSDP); with "
+        "N > 1 every figure is per device, --batch each device's own batch"
+    )  # fmt: skip
+    mm.add_argument("--unit", default="GiB", help="GiB (default, 2^30 bytes) or GB (10^9 bytes, the paper's)")
     mm.set_defaults(func=cmd_memory)
     sw = sub.add_parser("sweep", help="run a recipe over a grid of keys (resumable); write a CSV, a table and plots")
     sw.add_argument("recipe", help="YAML file or shipped recipe name")

@@ -53,6 +53,46 @@ the CUDA context, allocator caching and fragmentation, kernel workspaces, the da
 1 KB per layer (quantizer flags, rotary frequencies); in full training with block checkpointing, the
 overlap of the recomputed first block with nearly all gradients at the end of backward (+12% on the step
 in ``benchmarks/results/memory.md``, where the for-loop AdamW makes the gradient phase the peak).
+
+FSDP over ``devices = D > 1``: PyTorch FSDP2 ``fully_shard`` with its defaults, one unit per decoder block
+and one for the root (the rest: embeddings, final norm, head), as ``lowbit.distributed.shard_model`` applies
+it; ``D = 1`` is no FSDP (``shard_model`` leaves a world of one alone), the model above exactly. Every entry
+is then per device. Each device runs its own ``batch`` (``batch`` is the per-device batch), so the
+activations, the saved Ŵ, the logits, the KV cache and the backward's temporaries do not change with D.
+Three kinds of bytes:
+
+- sharded, ``1/D`` on each device: every *parameter*, frozen or trainable: float weights, embeddings,
+  norms, head, LSQ and LR-QAT scales, adapters, QLoRA's frozen scales, and LR-QAT's Φ0, which
+  ``lowbit.methods.lrqat`` holds as a frozen parameter (``requires_grad=False``) so that FSDP shards it;
+  the gradients of the trainable ones (FSDP reduce-scatters a block's gradients once its backward is done,
+  also between accumulation steps, so accumulated gradients are shards too); AdamW's two states (the
+  optimizer steps the local shards, so its step temporaries are ``1/D`` as well). FSDP splits dim 0 and
+  pads it to a multiple of D; the padding (under D rows per tensor) is ignored, so these are exactly ``1/D``;
+- replicated, whole on each device: buffers, which ``fully_shard`` moves but does not shard: QLoRA's int8
+  integers and cached float32 weight (``5·W`` per block);
+- unsharded transients, the ``unsharded`` entry (its value in the blocks' backward). A block's parameters
+  (frozen and trainable, in their stored dtype: no mixed-precision policy) are all-gathered while the block
+  runs forward or backward, and FSDP2 prefetches the next block's: two blocks' parameters. In backward a
+  block's unsharded gradients live until its reduce-scatter, and the previous block's reduce-scatter input
+  (a copy of its unsharded gradients) is kept until then (``reduce_scatter_max_input_buffers=1``): two
+  blocks' gradients. The root unit ``(V·h·(2-tied) + h)·e`` is gathered for the whole step, not only while
+  the head runs: FSDP2 does not reshard the root after forward (``reshard_after_forward=None`` means False
+  for the root) and reshards it, and reduce-scatters its gradients, only in its final callback after
+  backward. When the root trains (fp32, full_qat with ``train_embeddings``), its unsharded head and
+  final-norm gradients ``(V·h + h)·e`` are alive from the loss's backward on, and the embedding gradient
+  joins them at the end.
+
+Peak for ``D > 1``: ``(weights - replicated)/D + replicated + 3·trainable/D + max(activation phase,
+gradient phase)``. Activation phase: ``kept + accumulated gradients/D + root + head gradients +
+max(logits + 1 block's parameters (prefetched by the head's backward), recomputed + temporary + 2 blocks'
+parameters + 2 blocks' gradients)``. Gradient phase: ``trainable/D + max(step temporary/D, root + root
+gradients)``, the end of backward before the final callback, then the step on the shards. ``eval``:
+``weights/D + replicated + KV cache + root + max(block + 2 blocks' parameters, logits)``. Also not counted
+under FSDP: the flat all-gather output and reduce-scatter input while they are copied from or to the
+per-tensor ones (a second copy of one block for a moment), the communication library's buffers, and the
+caching allocator's per-stream pools. FSDP can so cost memory where little is sharded: the gathered root
+and blocks come on top of their shards, and qlora (its weights are replicated buffers) or scales_only on a
+model with a large vocabulary (llama3.2-1b) can need more at D = 2 than on one device.
 """
 
 from __future__ import annotations
@@ -79,6 +119,24 @@ CONFIGS: dict[str, dict[str, Any]] = {
         vocab_size=32000,
         tie_word_embeddings=False,
     ),
+    "llama2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
     "smollm2-135m": dict(
         hidden_size=576,
         intermediate_size=1536,
@@ -95,7 +153,8 @@ _RECOMPUTE_BYTES = {"lrqat": 20.0, "scales_only": 12.0}  # per weight of the lar
 
 
 def load_config(name: str) -> dict[str, Any]:
-    """A built-in config (``llama2-7b``, ``smollm2-135m``) or a Hugging Face ``config.json`` path."""
+    """A built-in config (a key of ``CONFIGS``: ``llama2-7b``, ``llama2-13b``, ``llama3.2-1b``, ``smollm2-135m``)
+    or a Hugging Face ``config.json`` path."""
     if name in CONFIGS:
         return dict(CONFIGS[name])
     path = Path(name)
@@ -149,23 +208,28 @@ def estimate_training_memory(
     foreach: bool = True,
     loss_chunk: int | None = None,
     train_embeddings: bool = True,
+    devices: int = 1,
 ) -> dict[str, float]:
     """Bytes of one training step of ``method`` (see the module docstring for the model).
 
     Returns ``frozen``, ``trainable``, ``gradients``, ``optimizer``, ``activations`` (incl. one
-    recomputed block), ``intermediate`` (full_qat's saved fake-quantized weights), ``logits`` and
-    ``total``, the step's peak (not the sum: gradients and activations are not all alive at once).
+    recomputed block), ``intermediate`` (full_qat's saved fake-quantized weights), ``logits``, ``unsharded``
+    (FSDP's gathered units) and ``total``, the step's peak (not the sum: gradients and activations are not
+    all alive at once).
 
     ``loss_chunk``: tokens per chunk of ``lowbit.tasks.text.causal_lm_loss`` (head and loss recomputed per
     chunk, so only one chunk's logits live at a time); None is the full logits of a plain loss.
     ``train_embeddings=False``: fp32 / full_qat train the 7 linears (and scales) only, embeddings,
     head and norms frozen, as ``lowbit train`` and ``benchmarks/lrqat.py`` do.
+    ``devices``: FSDP over that many devices (1: none); every entry is then per device, and ``unsharded``
+    holds FSDP's gathered root and blocks (0 on one device).
     """
     c = _dims(config)
     _check(method in METHODS, "method", method, f"use one of {', '.join(METHODS)}")
     _check(phi in PHI_KINDS, "phi", phi, f"use one of {', '.join(PHI_KINDS)}")
     _check(dtype in _DTYPES, "dtype", dtype, "use torch.float32, torch.bfloat16 or torch.float16")
-    for name, value, low in (("bits", bits, 2), ("rank", rank, 1), ("batch", batch, 1), ("seq_len", seq_len, 1)):
+    ints = (("bits", bits, 2), ("rank", rank, 1), ("batch", batch, 1), ("seq_len", seq_len, 1), ("devices", devices, 1))
+    for name, value, low in ints:
         _check(
             isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value, f"use an int >= {low}"
         )
@@ -210,6 +274,13 @@ def estimate_training_memory(
             phi0 = weights * {"fixed_point8": 1, "bf16": 2, "fp32": 4}[phi]
         frozen = layers * phi0 + floats
         trainable = 4 * layers * (scales + (adapters if method == "lrqat" else 0))
+    # FSDP (devices > 1): buffers whole on each device, the rest sharded; the root and block units unsharded
+    replicated = layers * 5 * weights if method == "qlora" else 0  # QLoRA's integers and cache are buffers
+    root = (vocab * h * (2 - c["tied"]) + h) * e  # embeddings, head (untied), final norm
+    root_trains = method in ("fp32", "full_qat") and train_embeddings
+    block_params = (frozen + trainable - root - replicated) // layers  # exact: the rest is per block
+    block_grads = (trainable - root * root_trains) // layers
+    head_grad = (vocab * h + h) * e * root_trains  # head (or tied embedding) and final norm gradients
 
     n_tok, probs = batch * seq_len, batch * c["num_attention_heads"] * seq_len**2
     norms_train = method in ("eval", "fp32", "full_qat") and train_embeddings
@@ -232,10 +303,17 @@ def estimate_training_memory(
         "optimizer": 2.0 * trainable,
         "logits": float(logits),
     }
+    if devices > 1:  # per device: the parameters, their gradients and AdamW's states are 1/devices shards
+        out.update(frozen=(frozen - replicated) / devices + replicated, trainable=trainable / devices)
+        out.update(gradients=out["trainable"], optimizer=2 * out["trainable"])
     if method == "eval":  # no_grad: the KV cache, plus one block's tensors at a time or the logits
         kv_cache = 2 * layers * n_tok * kvd * e
-        out.update(activations=float(kv_cache + block), intermediate=0.0)
-        out["total"] = float(frozen + kv_cache + max(block, logits))
+        out.update(activations=float(kv_cache + block), intermediate=0.0, unsharded=0.0)
+        if devices == 1:
+            out["total"] = float(frozen + kv_cache + max(block, logits))
+        else:  # the root gathered throughout, two blocks' parameters while the blocks run
+            out["unsharded"] = float(root + 2 * block_params)
+            out["total"] = out["frozen"] + kv_cache + root + max(block + 2 * block_params, logits)
         return out
     head = n_tok * h * 4 + 2 * n_tok * h * e * norms_train  # final norm input (+ its output and normalised)
     if block_checkpointing:
@@ -254,10 +332,19 @@ def estimate_training_memory(
     else:
         step_temporary = 2 * 4 * max(rank * max(max(s) for s in shapes) * (method != "scales_only"), scales)  # tiny
     grads_during_backward = trainable if grad_accumulation else 0
-    dynamic = max(
-        kept + max(logits, recomputed + temporary) + grads_during_backward,
-        trainable + step_temporary,  # gradients + the optimizer step's temporaries
-    )
-    out.update(activations=float(kept + recomputed - intermediate), intermediate=float(intermediate))
-    out["total"] = float(frozen + trainable + 2 * trainable + dynamic)
+    out.update(activations=float(kept + recomputed - intermediate), intermediate=float(intermediate), unsharded=0.0)
+    if devices == 1:
+        dynamic = max(
+            kept + max(logits, recomputed + temporary) + grads_during_backward,
+            trainable + step_temporary,  # gradients + the optimizer step's temporaries
+        )
+        out["total"] = float(frozen + trainable + 2 * trainable + dynamic)
+        return out
+    units = 2 * (block_params + block_grads)  # this block and the prefetched one; this one's and the last's grads
+    backward = max(logits + block_params, recomputed + temporary + units)  # head (last block prefetched), blocks
+    activation_phase = kept + grads_during_backward / devices + root + head_grad + backward
+    # the end of backward (the root and its gradients, before the final callback), then the step on the shards
+    gradient_phase = trainable / devices + max(step_temporary / devices, root + root * root_trains)
+    out["unsharded"] = float(root + head_grad + units)
+    out["total"] = out["frozen"] + 3 * out["trainable"] + max(activation_phase, gradient_phase)
     return out

@@ -179,11 +179,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lowbit.export.io import save
 
+    default = {"onnx": "model.onnx", "gguf": "model.gguf"}.get(args.format, "model.safetensors")
     if args.out is not None and Path(args.out).is_dir():
-        example = Path(args.out) / ("model.onnx" if args.format == "onnx" else "model.safetensors")
-        raise ConfigError(f"--out={args.out!r} is a folder: pass a file path, e.g. {example}")
-    run_dir, _, task, int_model = _load_run(args.run)
-    if args.format == "onnx":
+        raise ConfigError(f"--out={args.out!r} is a folder: pass a file path, e.g. {Path(args.out) / default}")
+    run_dir, recipe, task, int_model = _load_run(args.run)
+    if args.format == "gguf":
+        from lowbit.export.gguf import export_gguf
+        from lowbit.llm.models import source_gguf
+
+        out = export_gguf(int_model, Path(args.out or run_dir / default), name=recipe.name,
+                          tokenizer_gguf=source_gguf(recipe.model.name), embeddings=args.embeddings,
+                          round_scales=args.round_scales)  # fmt: skip
+    elif args.format == "onnx":
         from lowbit.export.onnx import export_onnx
 
         out = export_onnx(int_model, Path(args.out or run_dir / "model.onnx"), task.sample_input())
@@ -372,10 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run directory, e.g. runs/default")
     e.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     e.set_defaults(func=cmd_eval)
-    x = sub.add_parser("export", help="export a finished run's integer model (lowbit file or ONNX QDQ)")
+    x = sub.add_parser("export", help="export a finished run's integer model (lowbit file, ONNX QDQ, GGUF)")
     x.add_argument("run", help="run directory, e.g. runs/default")
-    x.add_argument("--format", choices=["lowbit", "onnx"], default="lowbit", help="default: lowbit (safetensors)")
-    x.add_argument("--out", help="output path (default: RUN/model.safetensors or RUN/model.onnx)")
+    x.add_argument("--format", choices=["lowbit", "onnx", "gguf"], default="lowbit",
+                   help="default: lowbit (safetensors); gguf: llama.cpp, for LLaMA-architecture LLM runs")  # fmt: skip
+    x.add_argument("--out", help="output path (default: RUN/model.safetensors, RUN/model.onnx or RUN/model.gguf)")
+    x.add_argument("--embeddings", choices=["f16", "f32", "q8_0"], default="f16",
+                   help="gguf: the token embedding's (and a float head's) type (default f16)")  # fmt: skip
+    x.add_argument("--round-scales", action="store_true",
+                   help="gguf: round float32-trained scales to float16 (else refused: the file would not be exact)")
     x.set_defaults(func=cmd_export)
     g = sub.add_parser("generate", help="generate text (greedy) with a saved integer LLM")
     g.add_argument("model", help="a model.safetensors written by lowbit.save, or the folder holding it")

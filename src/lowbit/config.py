@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from lowbit.errors import ConfigError
+from lowbit.spec import GGUF_FORMATS, MAX_LENGTH, BinarySpec, QuantSpec
 from lowbit.validate import (
     INHERIT,
     apply_overrides,
@@ -38,86 +39,15 @@ __all__ = [
     "require_int",
 ]  # fmt: skip
 
-GRANULARITIES = ("tensor", "channel", "group")
-BINARY_SCALES = ("mean_abs", "learned", "one")
-BINARY_GRADS = ("clip", "approxsign")
-INITS = ("minmax", "mse", "lp")
 # Bounds that keep a run finite (see the notes of issue 12): a range-init grid search costs one fake-quant
 # pass per candidate (the papers use 100); seeds fit every seeder lowbit calls (numpy's SeedSequence,
 # torch.manual_seed); 10**9 steps is months of training, not an integer overflow.
-MAX_CANDIDATES = 10_000
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 10**9
 MAX_EPOCHS = 100_000
 MAX_BATCH = 1_000_000
 MAX_THREADS = 1024
 MAX_CALIB_BATCHES = 256  # calibration keeps every batch's activations in memory
-MAX_LENGTH = 1 << 20  # of a sequence, an evaluation window or a quantization group
-
-
-@dataclass(frozen=True)
-class BinarySpec:
-    """The binary grid {−s, +s}: ``y = s·sign(x)`` (sign(0) = +1), integers −1 and +1 (not the 1-bit signed
-    grid {−1, 0}). ``scale``: ``mean_abs`` (s = mean |x| per scale element, recomputed on every call, not
-    learned: XNOR/ReActNet), ``learned`` (a trained parameter, started at mean |x|), ``one`` (s = 1: batch
-    norm absorbs it; the parameter may hold ±1 itself, as under CEMA and Bop). ``grad``: the straight-through
-    gradient of sign, ``clip`` (1 where |x| ≤ 1) or ``approxsign`` (Bi-Real: 2 − 2|x| where |x| ≤ 1)."""
-
-    scale: str = "mean_abs"
-    grad: str = "clip"
-
-    def __post_init__(self) -> None:
-        _check(self.scale in BINARY_SCALES, "scale", self.scale, f"one of {BINARY_SCALES}")
-        _check(self.grad in BINARY_GRADS, "grad", self.grad, f"one of {BINARY_GRADS}")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How to quantize one tensor: bit width, grid, granularity, scale learning and range init."""
-
-    bits: int = 8
-    symmetric: bool = True
-    granularity: str = "tensor"
-    group_size: int | None = None
-    learn_scale: bool = True
-    learn_zero_point: bool = True
-    signed: bool | None = None  # None: from the data at calibration (unsigned after a ReLU)
-    axis: int = 0
-    init: str = "mse"
-    p: float = 4.0
-    num_candidates: int = 100
-    grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
-    binary: BinarySpec | None = None  # the binary grid {−s, +s} instead of the integer grid (bits: 1)
-
-    def __post_init__(self) -> None:
-        check_int("bits", self.bits, 1, 8)
-        if self.binary is not None:
-            why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"
-            ok = self.bits == 1 and self.symmetric and self.signed is not False
-            _check(ok, "binary", self.binary, why)
-            _check(self.granularity != "group", "granularity", self.granularity,
-                   "tensor or channel with the binary grid")  # fmt: skip
-        _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
-        if self.granularity == "group":
-            allowed = f"an integer from 1 to {MAX_LENGTH:_} when granularity='group'"
-            check_int("group_size", self.group_size, 1, MAX_LENGTH, allowed)
-        else:
-            _check(
-                self.group_size is None,
-                "group_size",
-                self.group_size,
-                "None unless granularity='group' (set granularity: group to quantize in groups)",
-            )
-        _check(self.init in INITS, "init", self.init, f"one of {INITS}")
-        object.__setattr__(self, "p", check_number("p", self.p, 0, 100, "a number in (0, 100]", open_lo=True))
-        check_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
-        check_int("axis", self.axis, -8, 7, "an integer dimension index from -8 to 7")
-        for name in ("symmetric", "learn_scale", "learn_zero_point", "grad_scale"):
-            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
-        _check(self.signed is None or isinstance(self.signed, bool), "signed", self.signed, "true, false or null")
-
-    def replace(self, **changes: Any) -> QuantSpec:
-        return dataclasses.replace(self, **changes)
 
 
 SpecOrInherit = Union[QuantSpec, None, Literal["inherit"]]  # noqa: UP007
@@ -412,11 +342,24 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _with_format(spec: Any, path: str) -> Any:
+    """A YAML spec naming a GGUF ``format``: the format's fields written out (over what it would inherit), and a
+    field the same mapping sets to another value refused, naming it."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("format"), str) or spec["format"] not in GGUF_FORMATS:
+        return spec  # no format, or one QuantSpec refuses
+    fixed = GGUF_FORMATS[spec["format"]]
+    for key, value in spec.items():
+        if key in fixed and value != fixed[key]:
+            raise ConfigError(f"{path}.{key}={value!r} is not allowed: {fixed[key]!r}, which format "
+                              f"{spec['format']!r} fixes (leave {key} out, or drop the format)")  # fmt: skip
+    return {**fixed, **spec}
+
+
 def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> QuantConfig:
     """QuantConfig over ``default``, where each rule's partial spec is merged over the config's own spec."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
-    data = dict(data)
+    data = {k: _with_format(v, f"{path}.{k}") if k in ("weight", "act") else v for k, v in data.items()}
     if "rules" not in data:
         return build_dataclass(QuantConfig, data, path, inherit_from=default)
     rules_raw = data.pop("rules")
@@ -441,7 +384,7 @@ def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> Quant
             raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
         for k, default in (("weight", base.weight), ("act", base.act)):
             if isinstance(r.get(k), dict):
-                r[k] = build_dataclass(QuantSpec, r[k], f"{rp}.{k}", inherit_from=default)
+                r[k] = build_dataclass(QuantSpec, _with_format(r[k], f"{rp}.{k}"), f"{rp}.{k}", inherit_from=default)
         if isinstance(r.get("lowrank"), dict):
             r["lowrank"] = build_dataclass(LowRankSpec, r["lowrank"], f"{rp}.lowrank", inherit_from=base.lowrank)
         try:

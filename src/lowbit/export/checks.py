@@ -43,8 +43,8 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from lowbit.config import GRANULARITIES
 from lowbit.errors import FormatError
+from lowbit.spec import GRANULARITIES
 from lowbit.validate import is_int, show
 
 __all__ = [

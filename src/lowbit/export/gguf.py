@@ -1,0 +1,281 @@
+"""GGUF export for llama.cpp: the trained integer grid written block for block, never re-quantized.
+
+``export_gguf(model, path, ...)`` writes a LLaMA-architecture integer model (``lowbit.load`` of an LLM
+run, or ``lowbit.convert``'s output) as a GGUF file that llama.cpp loads. Each quantized linear becomes
+raw blocks of one GGML type, built from the layer's own integers and scales:
+
+- ``Q4_0`` where every integer lies in −8..7 (4-bit grids, and narrower ones such as 3-bit or binary):
+  per block of 32 inputs one float16 scale ``d`` and 16 bytes holding ``q + 8`` two to a byte (the
+  block's first 16 values in the low nibbles, the next 16 in the high ones); value ``(nibble − 8)·d``;
+- ``Q8_0`` where they lie in −128..127: ``d`` and 32 int8 values.
+
+A block's scale is the layer's scale for that block: one per tensor, per output channel, or per group
+when the group size is a multiple of 32 (a group of 64 is two blocks with the same scale). The scale must
+be a float16 number already (train with ``format: q4_0`` or ``scale_dtype: float16``, which round the
+scales in training, so the file's are the trained ones exactly); otherwise the export refuses, naming the
+layer, unless ``round_scales`` accepts rounding them (then the file is not exactly the trained model).
+Asymmetric grids (an integer zero point) are refused: ``Q4_1``'s offset is a float16 number, not an
+integer zero point, so it needs its own training grid (not built yet).
+
+Everything else: the norms in float32; the token embedding (and an untied output head that stayed
+float) as ``F16`` (default), ``F32`` or ``Q8_0`` by gguf's reference quantizer (``embeddings``). Query and
+key rows are permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved one, as
+llama.cpp's own converter does; a row permutation moves whole blocks, so it changes no value.
+
+Tokenizer: the ``tokenizer.*`` fields of the GGUF file the model came from, copied (SmolLM2 ships as
+one), or for lowbit's byte-level tokenizer (random LLaMA smoke models) a GPT-2-style BPE vocabulary of
+the 256 bytes with no merges, which llama.cpp tokenizes byte by byte.
+
+``read_gguf_weights(path)`` dequantizes a GGUF file's tensors with gguf's reference code, for checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit.errors import ConfigError
+from lowbit.export.intmodules import IntLinear
+
+__all__ = ["export_gguf", "read_gguf_weights", "pack_blocks", "EMBEDDING_TYPES", "BLOCK"]
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # values per block of Q4_0 and Q8_0
+RANGES = {"Q4_0": (-8, 7), "Q8_0": (-128, 127)}
+EMBEDDING_TYPES = ("f16", "f32", "q8_0")
+# Hugging Face LLaMA module names -> llama.cpp tensor names (blk.N. prefix for the decoder layers)
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}  # fmt: skip
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError('GGUF export needs the gguf package: pip install "lowbit[llm]"') from None
+    return gguf
+
+
+# -- blocks ------------------------------------------------------------------------------------------
+
+
+def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
+    """Raw ``Q4_0`` / ``Q8_0`` blocks, ``(rows, cols / 32 · bytes per block)`` uint8, of integers ``(rows, cols)``
+    and float16 block scales ``(rows, cols / 32)``."""
+    rows, cols = ints.shape
+    d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
+    q = ints.reshape(rows, cols // BLOCK, BLOCK)
+    if kind == "Q4_0":
+        n = (q + 8).astype(np.uint8)
+        body = n[..., : BLOCK // 2] | (n[..., BLOCK // 2 :] << 4)
+    else:
+        body = q.astype(np.int8).view(np.uint8)
+    return np.concatenate([d, body], axis=-1).reshape(rows, -1)
+
+
+def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool) -> np.ndarray:
+    """The layer's scale of every block of 32 inputs, ``(rows, cols / 32)`` float32."""
+    s = qw.weight_scale.detach().float().cpu()
+    if qw.granularity == "tensor":
+        per_block = s.reshape(1, 1).expand(rows, cols // BLOCK)
+    elif qw.granularity == "channel":
+        if qw.axis % 2 != 0:
+            raise ConfigError(f"layer {name!r}: scales per input channel (axis {qw.axis}) have no GGUF block type")
+        per_block = s.reshape(rows, 1).expand(rows, cols // BLOCK)
+    else:
+        g = int(qw.group_size)
+        if g % BLOCK:
+            raise ConfigError(f"layer {name!r}: group_size={g}; GGUF's Q4_0 / Q8_0 blocks hold {BLOCK} values "
+                              f"with one scale, so groups must be a multiple of {BLOCK} (train with format: q4_0)")
+        per_block = s.reshape(rows, cols // g).repeat_interleave(g // BLOCK, dim=1)
+    out = per_block.contiguous().numpy()
+    if not round_scales and not np.array_equal(out.astype(np.float16).astype(np.float32), out):
+        raise ConfigError(f"layer {name!r}: its scales are not float16 numbers, and GGUF stores float16 scales: "
+                          "train with format: q4_0 (or quant.weight.scale_dtype: float16) so the file holds the "
+                          "trained scales exactly, or export with round_scales (--round-scales) to round them")
+    return out
+
+
+def _quantized(name: str, layer: IntLinear, round_scales: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer."""
+    qw = layer.qweight
+    ints = qw.weight_int.detach().to(torch.int32).cpu().numpy()
+    rows, cols = ints.shape
+    if qw.weight_zero_point is not None:
+        raise ConfigError(f"layer {name!r}: an asymmetric grid (integer zero point) has no exact GGUF type yet "
+                          "(Q4_1's offset is a float16 number): train it symmetric, e.g. format: q4_0")  # fmt: skip
+    if cols % BLOCK:
+        raise ConfigError(f"layer {name!r}: {cols} inputs are not a multiple of GGUF's block of {BLOCK}")
+    lo, hi = int(ints.min()), int(ints.max())
+    kind = next((k for k, (a, b) in RANGES.items() if a <= lo and hi <= b), None)
+    if kind is None:
+        raise ConfigError(f"layer {name!r}: integers in [{lo}, {hi}] fit no GGUF block type (Q4_0: -8..7, Q8_0: "
+                          "-128..127)")  # fmt: skip
+    return ints, _block_scales(name, qw, rows, cols, round_scales), kind
+
+
+def _permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
+    """Hugging Face's rotate-half rows of a query / key projection -> llama.cpp's interleaved rotary rows."""
+    return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+# -- the file ----------------------------------------------------------------------------------------
+
+
+def _tensors(model: nn.Module, cfg: Any, embeddings: str, round_scales: bool) -> list[tuple[str, np.ndarray, Any]]:
+    """(GGUF name, data, GGML type or None for plain float) of every tensor llama.cpp reads."""
+    gguf = _gguf()
+    q = gguf.GGMLQuantizationType
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    out: list[tuple[str, np.ndarray, Any]] = []
+
+    def floating(gname: str, t: torch.Tensor, kind: str) -> None:
+        a = t.detach().float().cpu().numpy()
+        if kind == "q8_0":
+            if a.shape[-1] % BLOCK:
+                raise ConfigError(f"{gname}: {a.shape[-1]} columns are not a multiple of {BLOCK} for Q8_0")
+            out.append((gname, gguf.quants.quantize(a, q.Q8_0), q.Q8_0))
+        else:
+            out.append((gname, a.astype(np.float16 if kind == "f16" else np.float32), None))
+
+    def linear(gname: str, hf: str, layer: nn.Module, permute_heads: int | None) -> None:
+        if not isinstance(layer, IntLinear):
+            raise ConfigError(f"layer {hf!r} is {type(layer).__name__}: export an integer model (lowbit.convert)")
+        if not hasattr(layer.qweight, "weight_int"):  # a linear that stayed float
+            w = layer.qweight.weight_float.detach().float().cpu().numpy()
+            w = _permute_rows(w, permute_heads) if permute_heads else w
+            out.append((gname, w.astype(np.float16), None))
+            return
+        ints, scales, kind = _quantized(hf, layer, round_scales)
+        if permute_heads:
+            ints, scales = _permute_rows(ints, permute_heads), _permute_rows(scales, permute_heads)
+        out.append((gname, pack_blocks(ints, scales, kind), getattr(q, kind)))
+
+    decoder = model.model
+    floating("token_embd.weight", decoder.embed_tokens.weight, embeddings)
+    for i, block in enumerate(decoder.layers):
+        for hf, short in LAYER_NAMES.items():
+            mod = block.get_submodule(hf)
+            gname = f"blk.{i}.{short}.weight"
+            if short.endswith("norm"):
+                out.append((gname, mod.weight.detach().float().cpu().numpy(), None))
+            else:
+                heads_of = {"attn_q": heads, "attn_k": kv_heads}.get(short)
+                linear(gname, f"model.layers.{i}.{hf}", mod, heads_of)
+    out.append(("output_norm.weight", decoder.norm.weight.detach().float().cpu().numpy(), None))
+    head = model.lm_head
+    tied = head.weight is decoder.embed_tokens.weight if isinstance(head, nn.Linear) else False
+    if not tied:
+        if isinstance(head, IntLinear):
+            linear("output.weight", "lm_head", head, None)
+        else:
+            floating("output.weight", head.weight, embeddings)
+    return out
+
+
+def _byte_vocab(writer: Any, cfg: Any) -> None:
+    """GPT-2-style byte-level BPE over the 256 bytes, no merges: lowbit's byte tokenizer (id = byte)."""
+    visible = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode
+    extra = iter(range(256, 512))
+    chars = {b: chr(b) if b in visible else chr(next(extra)) for b in range(256)}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([chars[b] for b in range(cfg.vocab_size)])
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_token_merges([])
+    for key, tid in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{key}_token_id")(int(tid))
+
+
+def _copy_tokenizer(writer: Any, source: Path) -> None:
+    """Every ``tokenizer.*`` field of the GGUF file ``source``, as it is."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(source))
+    copied = 0
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+        copied += 1
+    if not copied:
+        raise ConfigError(f"{str(source)!r} has no tokenizer.* fields to copy")
+
+
+def export_gguf(
+    model: nn.Module, path: str | Path, *, name: str = "lowbit", tokenizer_gguf: str | Path | None = None,
+    embeddings: str = "f16", round_scales: bool = False,
+) -> Path:  # fmt: skip
+    """Write the integer LLaMA ``model`` to ``path`` as GGUF (module docstring); returns the path."""
+    gguf = _gguf()
+    if embeddings not in EMBEDDING_TYPES:
+        raise ConfigError(f"embeddings={embeddings!r} is not allowed: use one of {', '.join(EMBEDDING_TYPES)}")
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "llama" or not hasattr(model, "model") or not hasattr(model, "lm_head"):
+        arch = getattr(cfg, "model_type", type(model).__name__)
+        raise ConfigError(f"GGUF export writes LLaMA-architecture causal LMs (llama.cpp's 'llama'); got {arch!r}")
+    tensors = _tensors(model, cfg, embeddings, round_scales)  # every refusal before the file is touched
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    writer.add_name(name)
+    writer.add_context_length(int(cfg.max_position_embeddings))
+    writer.add_embedding_length(int(cfg.hidden_size))
+    writer.add_block_count(int(cfg.num_hidden_layers))
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(int(cfg.num_attention_heads))
+    writer.add_head_count_kv(int(cfg.num_key_value_heads or cfg.num_attention_heads))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    writer.add_rope_freq_base(float(rope))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(int(cfg.vocab_size))
+    kinds = {k for _, _, k in tensors if k is not None}
+    q4 = gguf.GGMLQuantizationType.Q4_0 in kinds
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0 if q4 else gguf.LlamaFileType.MOSTLY_Q8_0))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if tokenizer_gguf is not None:
+        _copy_tokenizer(writer, Path(tokenizer_gguf))
+    else:
+        _byte_vocab(writer, cfg)
+    for gname, data, kind in tensors:
+        writer.add_tensor(gname, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    size = path.stat().st_size
+    log.info("wrote %s (%d tensors, %s, %d bytes)", path, len(tensors), sorted(k.name for k in kinds), size)
+    return path
+
+
+def read_gguf_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32, dequantized by gguf's reference code, in (rows, cols) order."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dimensions fastest first
+        data = np.asarray(t.data)
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            out[t.name] = data.astype(np.float32).reshape(shape)
+        else:
+            out[t.name] = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32).reshape(shape)
+    return out

@@ -1,0 +1,118 @@
+"""How one tensor is quantized: ``QuantSpec`` (bit width, grid, granularity, scales, range init), the
+binary grid ``BinarySpec``, and the GGUF presets (``format``). Re-exported by ``lowbit.config``.
+
+``scale_dtype``: the dtype the scales are rounded to wherever they are used (training included, with a
+straight-through gradient to the float32 parameter that trains), and in which they are exported:
+``float16`` is what llama.cpp's block formats store, so a scale trained this way is the file's scale
+exactly; it also halves the scales of fine-grained grids (a depthwise convolution's 9 weights per scale).
+
+``format``: a GGUF block type whose grid the weights train on, filling the fields it fixes (a field set
+to another value than the format's is an error naming both):
+
+- ``q4_0``: signed 4-bit integers −8..7, groups of 32 along the input, one float16 scale per group;
+- ``q8_0``: the same at 8 bits (−128..127; llama.cpp's own quantizer uses −127..127).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from lowbit.validate import check as _check
+from lowbit.validate import check_int, check_number
+
+__all__ = ["BinarySpec", "QuantSpec", "GGUF_FORMATS", "SCALE_DTYPES", "GRANULARITIES", "MAX_LENGTH"]
+
+GRANULARITIES = ("tensor", "channel", "group")
+BINARY_SCALES = ("mean_abs", "learned", "one")
+BINARY_GRADS = ("clip", "approxsign")
+INITS = ("minmax", "mse", "lp")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+MAX_CANDIDATES = 10_000
+MAX_LENGTH = 1 << 20  # of a sequence, an evaluation window or a quantization group
+# what each GGUF block type fixes (the other fields stay the user's: init, learn_scale, ...)
+GGUF_FORMATS: dict[str, dict[str, Any]] = {
+    "q4_0": {"bits": 4, "symmetric": True, "signed": True, "granularity": "group", "group_size": 32,
+             "scale_dtype": "float16", "axis": 0, "binary": None},
+    "q8_0": {"bits": 8, "symmetric": True, "signed": True, "granularity": "group", "group_size": 32,
+             "scale_dtype": "float16", "axis": 0, "binary": None},
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BinarySpec:
+    """The binary grid {−s, +s}: ``y = s·sign(x)`` (sign(0) = +1), integers −1 and +1 (not the 1-bit signed
+    grid {−1, 0}). ``scale``: ``mean_abs`` (s = mean |x| per scale element, recomputed on every call, not
+    learned: XNOR/ReActNet), ``learned`` (a trained parameter, started at mean |x|), ``one`` (s = 1: batch
+    norm absorbs it; the parameter may hold ±1 itself, as under CEMA and Bop). ``grad``: the straight-through
+    gradient of sign, ``clip`` (1 where |x| ≤ 1) or ``approxsign`` (Bi-Real: 2 − 2|x| where |x| ≤ 1)."""
+
+    scale: str = "mean_abs"
+    grad: str = "clip"
+
+    def __post_init__(self) -> None:
+        _check(self.scale in BINARY_SCALES, "scale", self.scale, f"one of {BINARY_SCALES}")
+        _check(self.grad in BINARY_GRADS, "grad", self.grad, f"one of {BINARY_GRADS}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor: bit width, grid, granularity, scale learning and range init."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "tensor"
+    group_size: int | None = None
+    learn_scale: bool = True
+    learn_zero_point: bool = True
+    signed: bool | None = None  # None: from the data at calibration (unsigned after a ReLU)
+    axis: int = 0
+    init: str = "mse"
+    p: float = 4.0
+    num_candidates: int = 100
+    grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
+    binary: BinarySpec | None = None  # the binary grid {−s, +s} instead of the integer grid (bits: 1)
+    scale_dtype: str = "float32"  # the scales as used and exported (see the module docstring)
+    format: str | None = None  # a GGUF block type's grid (q4_0, q8_0): fills the fields it fixes
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            _check(self.format in GGUF_FORMATS, "format", self.format, f"null or one of {tuple(GGUF_FORMATS)}")
+            defaults = {f.name: f.default for f in dataclasses.fields(QuantSpec)}
+            for key, value in GGUF_FORMATS[self.format].items():
+                mine = getattr(self, key)
+                allowed = f"{value!r}, which format {self.format!r} fixes (leave {key} out, or drop the format)"
+                _check(mine in (value, defaults[key]), key, mine, allowed)
+                object.__setattr__(self, key, value)
+        _check(self.scale_dtype in SCALE_DTYPES, "scale_dtype", self.scale_dtype, f"one of {SCALE_DTYPES}")
+        check_int("bits", self.bits, 1, 8)
+        if self.binary is not None:
+            why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"
+            ok = self.bits == 1 and self.symmetric and self.signed is not False
+            _check(ok, "binary", self.binary, why)
+            _check(self.granularity != "group", "granularity", self.granularity,
+                   "tensor or channel with the binary grid")  # fmt: skip
+        _check(self.granularity in GRANULARITIES, "granularity", self.granularity, f"one of {GRANULARITIES}")
+        if self.granularity == "group":
+            allowed = f"an integer from 1 to {MAX_LENGTH:_} when granularity='group'"
+            check_int("group_size", self.group_size, 1, MAX_LENGTH, allowed)
+        else:
+            _check(
+                self.group_size is None,
+                "group_size",
+                self.group_size,
+                "None unless granularity='group' (set granularity: group to quantize in groups)",
+            )
+        _check(self.init in INITS, "init", self.init, f"one of {INITS}")
+        object.__setattr__(self, "p", check_number("p", self.p, 0, 100, "a number in (0, 100]", open_lo=True))
+        check_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
+        check_int("axis", self.axis, -8, 7, "an integer dimension index from -8 to 7")
+        for name in ("symmetric", "learn_scale", "learn_zero_point", "grad_scale"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
+        _check(self.signed is None or isinstance(self.signed, bool), "signed", self.signed, "true, false or null")
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return dataclasses.replace(self, **changes)
+
+

@@ -1,0 +1,187 @@
+"""GGUF export (``lowbit.export.gguf``): blocks byte for byte against a naive packer and gguf's reference
+dequantizer; a LLaMA trained on the Q4_0 grid round-trips exactly; refusals name the layer and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+from lowbit import ConfigError, QuantConfig, QuantSpec  # noqa: E402
+from lowbit.config import LowRankSpec  # noqa: E402
+from lowbit.export.gguf import export_gguf, pack_blocks, read_gguf_weights  # noqa: E402
+from lowbit.llm.models import load_causal_lm  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+def _naive_block(ints: np.ndarray, d: np.float16, kind: str) -> bytes:
+    """One block as llama.cpp's block_q4_0 / block_q8_0 structs lay it out."""
+    head = np.array([d], dtype=np.float16).tobytes()
+    if kind == "Q8_0":
+        return head + bytes(int(v) & 0xFF for v in ints)
+    return head + bytes(((int(ints[j]) + 8) | ((int(ints[j + 16]) + 8) << 4)) for j in range(16))
+
+
+@pytest.mark.parametrize("kind, lo, hi", [("Q4_0", -8, 7), ("Q8_0", -128, 127)])
+def test_blocks_equal_a_naive_packer_and_dequantize_exactly(kind: str, lo: int, hi: int) -> None:
+    ints = RNG.integers(lo, hi + 1, size=(3, 96))
+    scales = (RNG.random((3, 3)) * 0.1 + 1e-3).astype(np.float16).astype(np.float32)
+    raw = pack_blocks(ints, scales, kind)
+    blocks = [(r, b) for r in range(3) for b in range(3)]
+    naive = b"".join(_naive_block(ints[r, b * 32 : (b + 1) * 32], scales[r, b], kind) for r, b in blocks)
+    assert raw.tobytes() == naive
+    back = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind))
+    np.testing.assert_array_equal(back, ints * np.repeat(scales, 32, axis=1))
+
+
+def _llama(weight: QuantSpec, lowrank: LowRankSpec | None = None, tied: bool = True) -> torch.nn.Module:
+    args = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "tie_word_embeddings": tied}  # fmt: skip
+    model, _ = load_causal_lm("random-llama", args, seed=0)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    model = lowbit.prepare(model, QuantConfig(weight=weight, lowrank=lowrank), calib=[ids])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # move the scales off their initial values: they must stay float16 numbers
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    return lowbit.convert(model.eval())
+
+
+def _unpermute(a: np.ndarray, heads: int) -> np.ndarray:
+    return a.reshape(heads, a.shape[0] // heads // 2, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+
+@pytest.mark.parametrize("variant", ["qat", "lrqat"])
+def test_a_model_trained_on_the_q4_0_grid_is_written_exactly(tmp_path: Path, variant: str) -> None:
+    lowrank = LowRankSpec(rank=4) if variant == "lrqat" else None
+    model = _llama(QuantSpec(format="q4_0", init="minmax"), lowrank)
+    path = export_gguf(model, tmp_path / "m.gguf")
+    got = read_gguf_weights(path)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    heads = {"attn_q": 4, "attn_k": 2}
+    for i, block in enumerate(model.model.layers):
+        pairs = (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down"))
+        for hf, short in pairs:
+            layer = block.get_submodule(hf)
+            want = layer.qweight.weight_int.float() * layer.qweight.weight_scale.repeat_interleave(32, dim=1)
+            name = f"blk.{i}.{short}.weight"
+            g = _unpermute(got[name], heads[short]) if short in heads else got[name]
+            np.testing.assert_array_equal(g, want.numpy())
+            assert types[name] == "Q4_0"
+        np.testing.assert_array_equal(got[f"blk.{i}.attn_norm.weight"], block.input_layernorm.weight.detach().numpy())
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(got["token_embd.weight"], emb.astype(np.float16).astype(np.float32))
+    head = model.lm_head.qweight  # tied in the float model; prepare gave the head its own integer weights
+    want = head.weight_int.float() * head.weight_scale.repeat_interleave(32, dim=1)
+    np.testing.assert_array_equal(got["output.weight"], want.numpy())
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.block_count"].contents() == 2 and fields["llama.attention.head_count_kv"].contents() == 2
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == 256
+
+
+def test_q8_0_grids_untied_heads_and_copied_tokenizers(tmp_path: Path) -> None:
+    model = _llama(QuantSpec(format="q8_0", init="minmax"), tied=False)
+    first = export_gguf(model, tmp_path / "a.gguf", embeddings="q8_0")
+    second = export_gguf(model, tmp_path / "b.gguf", embeddings="f32", tokenizer_gguf=first)
+    a, b = gguf.GGUFReader(str(first)), gguf.GGUFReader(str(second))
+    types = {t.name: t.tensor_type.name for t in a.tensors}
+    assert types["blk.0.ffn_up.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["output.weight"] == "Q8_0"  # the untied head is quantized too (it was a QuantLinear)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id"):
+        assert a.fields[key].contents() == b.fields[key].contents()
+    emb = model.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(read_gguf_weights(second)["token_embd.weight"], emb)
+
+
+def test_what_gguf_cannot_hold_exactly_is_refused_by_name(tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    f32 = _llama(QuantSpec(bits=4, granularity="channel", init="minmax"))
+    with pytest.raises(ConfigError, match="layer 'model.layers.0.self_attn.q_proj': its scales are not float16"):
+        export_gguf(f32, out)
+    assert not out.exists()
+    rounded = read_gguf_weights(export_gguf(f32, out, round_scales=True))["blk.0.ffn_up.weight"]
+    up = f32.model.layers[0].mlp.up_proj.qweight
+    np.testing.assert_array_equal(rounded, (up.weight_int.float() * up.weight_scale.half().float()[:, None]).numpy())
+    out.unlink()
+    g16 = _llama(QuantSpec(bits=4, granularity="group", group_size=16, scale_dtype="float16", init="minmax"))
+    with pytest.raises(ConfigError, match="group_size=16; GGUF's Q4_0 / Q8_0 blocks hold 32"):
+        export_gguf(g16, out)
+    asym = _llama(QuantSpec(bits=4, symmetric=False, granularity="channel", scale_dtype="float16", init="minmax"))
+    with pytest.raises(ConfigError, match="asymmetric grid"):
+        export_gguf(asym, out)
+    with pytest.raises(ConfigError, match="embeddings='q4' is not allowed"):
+        export_gguf(asym, out, embeddings="q4")
+    with pytest.raises(ConfigError, match="LLaMA-architecture"):
+        export_gguf(torch.nn.Linear(4, 4), out)
+    assert not out.exists()
+
+
+def test_gguf_formats_fix_their_fields_and_train_float16_scales() -> None:
+    spec = QuantSpec(format="q4_0")
+    assert (spec.bits, spec.granularity, spec.group_size, spec.scale_dtype, spec.signed) == (4, "group", 32,
+                                                                                              "float16", True)
+    assert QuantSpec(format="q4_0", bits=4, group_size=32) == spec
+    with pytest.raises(ConfigError, match="bits=3 is not allowed: 4, which format 'q4_0' fixes"):
+        QuantSpec(format="q4_0", bits=3)
+    from lowbit.config import load_recipe
+
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "llm-tiny.yaml"
+    w = load_recipe(tiny, ["quant.weight={format: q4_0}"]).quant.weight  # over the default spec (per channel)
+    assert w is not None and w.replace(init="mse") == QuantSpec(format="q4_0")
+    with pytest.raises(ConfigError, match="quant.weight.bits=3 is not allowed: 4, which format 'q4_0' fixes"):
+        load_recipe(tiny, ["quant.weight={format: q4_0, bits: 3}"])
+    with pytest.raises(ConfigError, match="format='q2_k'"):
+        QuantSpec(format="q2_k")
+    with pytest.raises(ConfigError, match="scale_dtype='half'"):
+        QuantSpec(scale_dtype="half")
+    from lowbit.quant.quantizer import Quantizer
+
+    q = Quantizer(QuantSpec(bits=4, scale_dtype="float16"), (8, 8))
+    with torch.no_grad():
+        q.scale.fill_(0.1)  # not a float16 number
+    x = torch.randn(8, 8, requires_grad=True)
+    y = q(x)
+    s16 = torch.tensor(0.1).half().float()
+    torch.testing.assert_close(y, torch.clamp(torch.round(x / s16), -8, 7) * s16, rtol=0, atol=0)
+    y.sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs() > 0  # straight through to the float32 parameter
+    assert q.export_qparams()[0] == s16
+
+
+def test_a_tied_float_head_is_left_to_the_embedding(tmp_path: Path) -> None:
+    from lowbit.config import Rule
+
+    args = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4}
+    model, _ = load_causal_lm("random-llama", args, seed=0)
+    cfg = QuantConfig(weight=QuantSpec(format="q4_0", init="minmax"), rules=[Rule(match="lm_head", skip=True)])
+    model = lowbit.convert(lowbit.prepare(model, cfg, calib=[torch.randint(0, 256, (1, 8))]).eval())
+    got = read_gguf_weights(export_gguf(model, tmp_path / "m.gguf", embeddings="f32"))
+    assert "output.weight" not in got  # llama.cpp reads the head from token_embd when output.weight is absent
+    np.testing.assert_array_equal(got["token_embd.weight"], model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_cli_exports_an_llm_run_trained_on_q4_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowbit.cli import main
+
+    # the format replaces the fields it fixes in what the recipe's weight spec (4 bits, per channel) inherits
+    args = ["llm-tiny", "quant.weight={format: q4_0, init: minmax}", "qat.steps=2", "text.eval_windows=1"]
+    args = ["train", *args, "--runs", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    run = tmp_path / "llm-tiny"
+    assert main(["export", str(run), "--format", "gguf"]) == 0
+    got = read_gguf_weights(run / "model.gguf")
+    up = lowbit.load(run / "model.safetensors").model.layers[1].mlp.up_proj.qweight
+    want = up.weight_int.float() * up.weight_scale.repeat_interleave(32, dim=1)
+    np.testing.assert_array_equal(got["blk.1.ffn_up.weight"], want.numpy())
+    with pytest.raises(SystemExit):  # argparse refuses it, with the choices
+        main(["export", str(run), "--format", "gguf", "--embeddings", "q4"])

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.lowbit-installed
 
-.PHONY: demo test lint data peers clean
+.PHONY: demo test lint data peers runtime clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: $(STAMP) data
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# llama.cpp (llama-cpp-python, built from source by pip: a C++ compiler, ~8 min on two cores; pip's wheel
+# cache keeps the build). Best effort: without it the llama.cpp check in tests/export/test_gguf.py skips.
+runtime: $(STAMP)
+	@command -v c++ >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq g++ >/dev/null; } || true
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[runtime]" || \
+	    echo "note: llama-cpp-python did not build; the llama.cpp check will skip"
 
 # Peer toolkits for benchmarks/peers.py, installed with torch pinned so none of them replaces it.
 peers: $(STAMP)

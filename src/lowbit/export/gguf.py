@@ -14,7 +14,8 @@ when the group size is a multiple of 32 (a group of 64 is two blocks with the sa
 be a float16 number already (train with ``format: q4_0`` or ``scale_dtype: float16``, which round the
 scales in training, so the file's are the trained ones exactly); otherwise the export refuses, naming the
 layer, unless ``round_scales`` accepts rounding them (then the file is not exactly the trained model).
-Asymmetric grids (an integer zero point) are refused: ``Q4_1``'s offset is a float16 number, not an
+Quantized inputs (activation quantization) are refused: the file holds weights, and llama.cpp quantizes
+activations itself. Asymmetric grids (an integer zero point) are refused: ``Q4_1``'s offset is a float16 number, not an
 integer zero point, so it needs its own training grid (not built yet).
 
 Everything else: the norms in float32; the token embedding (and an untied output head that stayed
@@ -24,7 +25,7 @@ llama.cpp's own converter does; a row permutation moves whole blocks, so it chan
 
 Tokenizer: the ``tokenizer.*`` fields of the GGUF file the model came from, copied (SmolLM2 ships as
 one), or for lowbit's byte-level tokenizer (random LLaMA smoke models) a GPT-2-style BPE vocabulary of
-the 256 bytes with no merges, which llama.cpp tokenizes byte by byte.
+the 256 bytes with one inert merge, which llama.cpp tokenizes byte by byte.
 
 ``read_gguf_weights(path)`` dequantizes a GGUF file's tensors with gguf's reference code, for checks.
 """
@@ -155,6 +156,11 @@ def _tensors(model: nn.Module, cfg: Any, embeddings: str, round_scales: bool) ->
             w = _permute_rows(w, permute_heads) if permute_heads else w
             out.append((gname, w.astype(np.float16), None))
             return
+        if layer.qweight.input_quantizer is not None:
+            bits = int(layer.qweight.input_quantizer.bits)
+            raise ConfigError(f"layer {hf!r} quantizes its inputs ({bits} bits): a GGUF file holds weights only,"
+                              " and llama.cpp quantizes activations its own way (8 bits per "
+                              "block of 32); train with quant.act: null for llama.cpp")  # fmt: skip
         ints, scales, kind = _quantized(hf, layer, round_scales)
         if permute_heads:
             ints, scales = _permute_rows(ints, permute_heads), _permute_rows(scales, permute_heads)
@@ -191,7 +197,9 @@ def _byte_vocab(writer: Any, cfg: Any) -> None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list([chars[b] for b in range(cfg.vocab_size)])
     writer.add_token_types([1] * cfg.vocab_size)
-    writer.add_token_merges([])
+    # llama.cpp requires a merges list and gguf writes no empty array: one merge of bytes 0x00 and 0x01, whose
+    # result is no token, so llama.cpp falls back to the two bytes (tokenization stays byte for byte)
+    writer.add_token_merges([f"{chars[0]} {chars[1]}"])
     for key, tid in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id)):
         if tid is not None:
             getattr(writer, f"add_{key}_token_id")(int(tid))

@@ -219,3 +219,18 @@ def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path) -> None:
     theirs = [t for _, t in zip(range(8), llm.generate(ids[:16], temp=0.0), strict=False)]
     ours = model.generate(torch.tensor([ids[:16]]), max_new_tokens=8, do_sample=False)[0, 16:].tolist()
     assert theirs == ours
+
+
+def test_a_float_model_is_written_as_floats_or_round_to_nearest_blocks(tmp_path: Path) -> None:
+    """The baselines: a float model's linears as F32, or rounded to Q4_0 by gguf's reference quantizer."""
+    args = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4}
+    model, _ = load_causal_lm("random-llama", args, seed=0)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    exact = read_gguf_weights(export_gguf(model, tmp_path / "f.gguf", float_linears="f32", embeddings="f32"))
+    np.testing.assert_array_equal(exact["blk.0.ffn_up.weight"], w)
+    rtn = read_gguf_weights(export_gguf(model, tmp_path / "r.gguf", float_linears="q4_0"))
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    np.testing.assert_array_equal(rtn["blk.0.ffn_up.weight"], gguf.quants.dequantize(gguf.quants.quantize(w, q4), q4))
+    assert not np.array_equal(rtn["blk.0.ffn_up.weight"], w)
+    with pytest.raises(ConfigError, match="float_linears='int4'"):
+        export_gguf(model, tmp_path / "x.gguf", float_linears="int4")

@@ -59,6 +59,26 @@ def test_round_trip_granularities_and_zero_points(tmp_path: Path, name: str, spe
     assert torch.equal(lowbit.load(tmp_path / "m.safetensors")(X), model(X))
 
 
+def test_float16_scales_are_stored_in_half_the_bytes_and_reload_exactly(tmp_path: Path) -> None:
+    """scale_dtype: float16 (MobileNetV2's depthwise layers: a scale per output channel of 9 weights, and
+    groups of 16 in the MLP): weight scales go to the file as float16, and the model reloads exactly."""
+    from safetensors import safe_open
+
+    cases = (("mobilenetv2", {"granularity": "channel"}), ("mlp", {"granularity": "group", "group_size": 16}))
+    for name, spec in cases:
+        sizes = {}
+        for dtype in ("float32", "float16"):
+            model = _prepared(name, bits=4, scale_dtype=dtype, **spec)
+            path = tmp_path / f"{name}-{dtype}.safetensors"
+            lowbit.save(model, path)
+            assert torch.equal(lowbit.load(path)(X), model(X))
+            with safe_open(str(path), "pt") as f:
+                scales = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".weight_scale")}  # noqa: SIM118
+            assert scales == ({"F16"} if dtype == "float16" else {"F32"})
+            sizes[dtype] = path.stat().st_size
+        assert sizes["float16"] < sizes["float32"]
+
+
 def test_load_into_a_skeleton_and_float_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))

@@ -433,3 +433,9 @@ def test_signed_mutations_raise_format_error_or_load(tmp_path: Path, mlp_file: P
             outcome = "no_architecture"
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert outcomes["format_error"] > 180, outcomes
+
+
+def test_a_weight_scale_of_another_dtype_is_refused(tmp_path: Path, mlp_file: Path) -> None:
+    key = "features.1.weight_scale"
+    path = _edited(mlp_file, tmp_path / "s.safetensors", lambda m, t: t.update({key: t[key].double()}))
+    _refused(path, key, "float64", "expected float32 or float16")

@@ -19,7 +19,10 @@ activations itself. Asymmetric grids (an integer zero point) are refused: ``Q4_1
 integer zero point, so it needs its own training grid (not built yet).
 
 Everything else: the norms in float32; the token embedding (and an untied output head that stayed
-float) as ``F16`` (default), ``F32`` or ``Q8_0`` by gguf's reference quantizer (``embeddings``). Query and
+float) as ``F16`` (default), ``F32`` or ``Q8_0`` by gguf's reference quantizer (``embeddings``); linears
+that stayed float (or a float model: ``nn.Linear``) as ``float_linears``: ``f16``, ``f32``, or ``q8_0`` /
+``q4_0`` / ``q4_1`` by gguf's reference round-to-nearest, which is what ``llama-quantize`` would write (the baseline
+that training on the grid is measured against). Query and
 key rows are permuted from Hugging Face's rotate-half layout to llama.cpp's interleaved one, as
 llama.cpp's own converter does; a row permutation moves whole blocks, so it changes no value.
 
@@ -132,30 +135,33 @@ def _permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
 # -- the file ----------------------------------------------------------------------------------------
 
 
-def _tensors(model: nn.Module, cfg: Any, embeddings: str, round_scales: bool) -> list[tuple[str, np.ndarray, Any]]:
+def _tensors(
+    model: nn.Module, cfg: Any, embeddings: str, round_scales: bool, float_linears: str
+) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, GGML type or None for plain float) of every tensor llama.cpp reads."""
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     out: list[tuple[str, np.ndarray, Any]] = []
 
-    def floating(gname: str, t: torch.Tensor, kind: str) -> None:
-        a = t.detach().float().cpu().numpy()
-        if kind == "q8_0":
+    def floating(gname: str, t: torch.Tensor | np.ndarray, kind: str) -> None:
+        a = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else t
+        if kind in ("q8_0", "q4_0", "q4_1"):  # gguf's reference round-to-nearest, as llama-quantize would
             if a.shape[-1] % BLOCK:
-                raise ConfigError(f"{gname}: {a.shape[-1]} columns are not a multiple of {BLOCK} for Q8_0")
-            out.append((gname, gguf.quants.quantize(a, q.Q8_0), q.Q8_0))
+                raise ConfigError(f"{gname}: {a.shape[-1]} columns are not a multiple of {BLOCK} for {kind}")
+            t_ = getattr(q, kind.upper())
+            out.append((gname, gguf.quants.quantize(a, t_), t_))
         else:
             out.append((gname, a.astype(np.float16 if kind == "f16" else np.float32), None))
 
     def linear(gname: str, hf: str, layer: nn.Module, permute_heads: int | None) -> None:
+        if isinstance(layer, nn.Linear) or (isinstance(layer, IntLinear) and not hasattr(layer.qweight, "weight_int")):
+            w = (layer.weight if isinstance(layer, nn.Linear) else layer.qweight.weight_float).detach().float()
+            w = w.cpu().numpy()
+            floating(gname, _permute_rows(w, permute_heads) if permute_heads else w, float_linears)
+            return
         if not isinstance(layer, IntLinear):
             raise ConfigError(f"layer {hf!r} is {type(layer).__name__}: export an integer model (lowbit.convert)")
-        if not hasattr(layer.qweight, "weight_int"):  # a linear that stayed float
-            w = layer.qweight.weight_float.detach().float().cpu().numpy()
-            w = _permute_rows(w, permute_heads) if permute_heads else w
-            out.append((gname, w.astype(np.float16), None))
-            return
         if layer.qweight.input_quantizer is not None:
             bits = int(layer.qweight.input_quantizer.bits)
             raise ConfigError(f"layer {hf!r} quantizes its inputs ({bits} bits): a GGUF file holds weights only,"
@@ -224,17 +230,20 @@ def _copy_tokenizer(writer: Any, source: Path) -> None:
 
 def export_gguf(
     model: nn.Module, path: str | Path, *, name: str = "lowbit", tokenizer_gguf: str | Path | None = None,
-    embeddings: str = "f16", round_scales: bool = False,
+    embeddings: str = "f16", round_scales: bool = False, float_linears: str = "f16",
 ) -> Path:  # fmt: skip
     """Write the integer LLaMA ``model`` to ``path`` as GGUF (module docstring); returns the path."""
     gguf = _gguf()
     if embeddings not in EMBEDDING_TYPES:
         raise ConfigError(f"embeddings={embeddings!r} is not allowed: use one of {', '.join(EMBEDDING_TYPES)}")
+    if float_linears not in (*EMBEDDING_TYPES, "q4_0", "q4_1"):
+        allowed = EMBEDDING_TYPES + ("q4_0", "q4_1")
+        raise ConfigError(f"float_linears={float_linears!r} is not allowed: use one of {allowed}")
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) != "llama" or not hasattr(model, "model") or not hasattr(model, "lm_head"):
         arch = getattr(cfg, "model_type", type(model).__name__)
         raise ConfigError(f"GGUF export writes LLaMA-architecture causal LMs (llama.cpp's 'llama'); got {arch!r}")
-    tensors = _tensors(model, cfg, embeddings, round_scales)  # every refusal before the file is touched
+    tensors = _tensors(model, cfg, embeddings, round_scales, float_linears)  # every refusal before the file is touched
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -255,8 +264,10 @@ def export_gguf(
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(int(cfg.vocab_size))
     kinds = {k for _, _, k in tensors if k is not None}
-    q4 = gguf.GGMLQuantizationType.Q4_0 in kinds
-    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_0 if q4 else gguf.LlamaFileType.MOSTLY_Q8_0))
+    ftypes = {gguf.GGMLQuantizationType.Q4_0: "MOSTLY_Q4_0", gguf.GGMLQuantizationType.Q4_1: "MOSTLY_Q4_1",
+              gguf.GGMLQuantizationType.Q8_0: "MOSTLY_Q8_0"}  # fmt: skip
+    ftype = next((v for k, v in ftypes.items() if k in kinds), "MOSTLY_F16" if float_linears == "f16" else "ALL_F32")
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, ftype)))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if tokenizer_gguf is not None:
         _copy_tokenizer(writer, Path(tokenizer_gguf))

@@ -5,7 +5,8 @@ as safetensors tensors:
 
 - per integer layer ``L``: ``L.weight_packed`` (uint8, the integers packed at their bit width by
   ``lowbit.export.pack``; binary weights {−1, +1} by ``pack_sign``, 1 bit each), ``L.weight_scale``
-  (float32, the quantizer's stored shape), ``L.weight_zero_point`` (float32, asymmetric only), ``L.bias``,
+  (float32, or float16 when every scale is a float16 number, as ``scale_dtype: float16`` trains them; the
+  quantizer's stored shape), ``L.weight_zero_point`` (float32, asymmetric only), ``L.bias``,
   and for a quantized input ``L.input_scale`` / ``L.input_zero_point``; a layer whose weight stayed
   float stores ``L.weight``;
 - every other tensor of the model's ``state_dict`` under its own name (batch norm, float layers).
@@ -126,7 +127,9 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
                 tensors[f"{name}.weight_packed"] = pack_sign(qw.weight_int)
             else:
                 tensors[f"{name}.weight_packed"] = pack(qw.weight_int, qw.weight_bits, qw.signed)
-            tensors[f"{name}.weight_scale"] = qw.weight_scale.detach().float().contiguous()
+            scale = qw.weight_scale.detach().float()
+            half = scale.half()  # float16 where that is exact (scale_dtype: float16, GGUF formats): half the bytes
+            tensors[f"{name}.weight_scale"] = (half if torch.equal(half.float(), scale) else scale).contiguous()
             if qw.weight_zero_point is not None:
                 tensors[f"{name}.weight_zero_point"] = qw.weight_zero_point.detach().float().contiguous()
         if mod.bias is not None:
@@ -301,7 +304,10 @@ def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: d
         packed = _take(tensors, f"{name}.weight_packed", torch.uint8, None)
         ints = unpack_sign(packed, numel) if binary else unpack(packed, bits, signed, numel)
         q = ints.reshape(shape).to(int_dtype(qmin, qmax))
-        scale = _take(tensors, f"{name}.weight_scale", torch.float32, tuple(probe.scale.shape))
+        scale = _take(tensors, f"{name}.weight_scale", None, tuple(probe.scale.shape))
+        if scale.dtype not in (torch.float32, torch.float16):
+            raise FormatError(f"tensor {name + '.weight_scale'!r} has dtype {scale.dtype}, expected float32 or float16")
+        scale = scale.float()
         zp = _take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
         check_qparams(f"{name}.weight", scale, zp, qmin, qmax)
         qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq,

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{__import__('llama_cpp').__version__}, {args.threads} threads", "",
             f"Perplexity over the first {args.windows} non-overlapping windows of {args.seq} tokens of each corpus; "
             f"lowbit run: `{RUN.relative_to(ROOT)}` ({recipe.qat.steps} LR-QAT steps). "
-            f"`python benchmarks/gguf_runtime.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]  # fmt: skip
+            f"`python benchmarks/gguf_runtime.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]  # fmt: skip
     text = "\n".join(head) + "\n" + markdown_table(["model", "file MB", *corpora, "tokens/s"], rows) + "\n\n"
     text += "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

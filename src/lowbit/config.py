@@ -342,24 +342,20 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _with_format(spec: Any, path: str) -> Any:
-    """A YAML spec naming a GGUF ``format``: the format's fields written out (over what it would inherit), and a
-    field the same mapping sets to another value refused, naming it."""
+def _with_format(spec: Any) -> Any:
+    """A YAML spec naming a GGUF ``format``: the format's fields written out under the mapping's own, so they
+    replace what the spec would inherit; a field the mapping sets to another value is left for
+    ``QuantSpec`` to refuse, by name."""
     if not isinstance(spec, dict) or not isinstance(spec.get("format"), str) or spec["format"] not in GGUF_FORMATS:
         return spec  # no format, or one QuantSpec refuses
-    fixed = GGUF_FORMATS[spec["format"]]
-    for key, value in spec.items():
-        if key in fixed and value != fixed[key]:
-            raise ConfigError(f"{path}.{key}={value!r} is not allowed: {fixed[key]!r}, which format "
-                              f"{spec['format']!r} fixes (leave {key} out, or drop the format)")  # fmt: skip
-    return {**fixed, **spec}
+    return {**GGUF_FORMATS[spec["format"]], **spec}
 
 
 def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> QuantConfig:
     """QuantConfig over ``default``, where each rule's partial spec is merged over the config's own spec."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
-    data = {k: _with_format(v, f"{path}.{k}") if k in ("weight", "act") else v for k, v in data.items()}
+    data = {k: _with_format(v) if k in ("weight", "act") else v for k, v in data.items()}
     if "rules" not in data:
         return build_dataclass(QuantConfig, data, path, inherit_from=default)
     rules_raw = data.pop("rules")
@@ -384,7 +380,7 @@ def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> Quant
             raise ConfigError(f"{rp}: missing 'match' (a glob on module names, e.g. 'features.0*')")
         for k, default in (("weight", base.weight), ("act", base.act)):
             if isinstance(r.get(k), dict):
-                r[k] = build_dataclass(QuantSpec, _with_format(r[k], f"{rp}.{k}"), f"{rp}.{k}", inherit_from=default)
+                r[k] = build_dataclass(QuantSpec, _with_format(r[k]), f"{rp}.{k}", inherit_from=default)
         if isinstance(r.get("lowrank"), dict):
             r["lowrank"] = build_dataclass(LowRankSpec, r["lowrank"], f"{rp}.lowrank", inherit_from=base.lowrank)
         try:

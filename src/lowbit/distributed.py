@@ -26,7 +26,6 @@ How the pieces stay equal on every rank:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lowbit.checkpoint import digest
 from lowbit.errors import ConfigError, FormatError, TrainingError
 
 __all__ = [
@@ -318,9 +318,7 @@ def agree(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on every rank, else False on every rank."""
     if world().size == 1:
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t, dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(all_reduce(torch.tensor([int(bool(flag))]), "min").item())
 
 
 def barrier() -> None:
@@ -329,14 +327,8 @@ def barrier() -> None:
 
 
 def tensor_digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """A short sha256 of each tensor's dtype, shape and bytes."""
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        out[k] = h.hexdigest()[:16]
-    return out
+    """A short sha256 of each tensor's name, dtype, shape and bytes (``lowbit.checkpoint.digest``)."""
+    return {k: digest(None, {k: t.detach().cpu()})[:16] for k, t in tensors.items()}
 
 
 def check_identical(tensors: dict[str, torch.Tensor], what: str) -> None:

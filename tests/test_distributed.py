@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,21 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 CASES = ["qat", "freeze_bn", "qbitopt", "cema", "lrqat", "nobn_w8", "lrqat_fsdp"]
 
 
-def torchrun(n: int, args: list[str], timeout: float = 600, **kw: object) -> subprocess.CompletedProcess[str]:
+def torchrun(n: int, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """A torchrun launch; a failed one is launched once more (a CLI run with --force unless it resumes).
+
+    In about one full-suite run in five on this machine, one launch of the suite ended non-zero under the
+    other xdist worker's load, and it never reproduced alone (16 tries); its stderr was not kept. The
+    retry keeps CI from failing on that while the first failure's stderr goes into a warning (shown in
+    pytest's summary) so that it can be diagnosed: a real failure fails twice and is asserted as before."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)  # type: ignore[call-overload]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if r.returncode == 0:
+        return r
+    warnings.warn(f"torchrun launch failed once (rc {r.returncode}), retrying: {r.stderr[-4000:]}", stacklevel=2)
+    again = [*cmd, "--force"] if "lowbit" in args and "--resume" not in args else cmd
+    return subprocess.run(again, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ Step time (median of interleaved rounds, batch 128, in one process): a float ste
 under each optimizer.
 
     .venv/bin/python benchmarks/binary.py [--models birealnet mlp] [--seeds 0 1] [--qat-epochs 2] [--no-grid]
+        [--device cuda --jobs 8]   # a GPU runs several of these small runs at once
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def one_run(model: str, optimizer: str, kd: bool, seed: int, hp: dict[str, float
             tag: str = "") -> dict[str, Any]:  # fmt: skip
     d = base_recipe(model, seed, args)
     binary = {"name": "binary", "optimizer": optimizer.split("-")[0], **hp}
-    d["methods"] = [binary] + ([{"name": "distill"}] if kd else [])
+    d["methods"] = [binary] + ([{"name": "distill", "weight": args.kd_weight}] if kd else [])
     label = f"{model}-{optimizer}{'-kd' if kd else ''}-seed{seed}{tag}{args.tag}"
     run_dir = RUNS_DIR / "bench-binary" / label
     recipe = recipe_from_dict(d)
@@ -119,6 +120,29 @@ def _ms(v: list[float], scale: float = 1.0, fmt: str = ".2f") -> str:
     return f"{statistics.mean(v) * scale:{fmt}} ± {half * scale:{fmt}}"
 
 
+def _pool_run(job: tuple[Any, ...]) -> dict[str, Any]:
+    model, opt, kd, seed, hp, args, tag = job
+    torch.set_num_threads(args.threads_per_job)
+    return one_run(model, opt, kd, seed, hp, args, tag=tag)
+
+
+def run_all(jobs: list[tuple[Any, ...]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run, in order, or ``args.jobs`` at a time in spawned processes (a GPU holds several small runs)."""
+    if args.jobs <= 1:
+        return [one_run(m, o, kd, s, hp, args, tag=t) for m, o, kd, s, hp, t in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_pool_run, [(m, o, kd, s, hp, args, t) for m, o, kd, s, hp, t in jobs]))
+
+
+def device_line(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(torch.device(device))} (device {device})"
+    return cpu_model()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["birealnet", "mlp"], choices=["birealnet", "mlp"])
@@ -126,61 +150,76 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qat-epochs", type=float, default=2)
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--no-kd", action="store_true", help="leave out the rows with distillation")
+    p.add_argument("--kd-only", action="store_true", help="only the rows with distillation")
+    p.add_argument("--kd-weight", type=float, default=1.0, help="the distill method's weight (large: ReActNet's loss)")
     p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--grid-only", action="store_true", help="only the sensitivity grid")
     p.add_argument("--time-repeats", type=int, default=20)
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--device", default="cpu", help="the runs' device (cpu, cuda, cuda:N)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    p.add_argument("--threads-per-job", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. qat.lr=0.01")
     p.add_argument("--tag", default="")
     p.add_argument("--reuse", action="store_true", help="reuse a finished run whose config.yaml equals the recipe")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    args.set = [*args.set, f"device={args.device}"]
+    kd_rows = (False,) if args.no_kd else (True,) if args.kd_only else (False, True)
+    jobs = [] if args.grid_only else [
+        (model, opt, kd, s, DEFAULTS[opt], "") for model in args.models for opt in args.optimizers
+        for kd in kd_rows for s in args.seeds]  # fmt: skip
+    grid_opts = [] if args.no_grid else [o for o in args.optimizers if o in GRID]
+    for opt in grid_opts:
+        (k1, v1), (k2, v2) = GRID[opt].items()
+        jobs += [(args.models[0], opt, False, args.seeds[0], {**DEFAULTS[opt], k1: a, k2: b},
+                  f"-grid-{k1}{a:g}-{k2}{b:g}") for a in v1 for b in v2]  # fmt: skip
+    results = dict(zip(range(len(jobs)), run_all(jobs, args), strict=True))
+    done = iter(results.values())
 
+    timing_on = "timings not measured" if args.skip_timing else f"timings on {cpu_model()}"
     head = ["# Binary networks: Adam on latent weights vs Bop vs CEMA, Fashion-MNIST test set", "",
-            f"{datetime.date.today()} · {cpu_model()} · {machine_line()}", "",
+            f"{datetime.date.today()} · runs on {device_line(args.device)} · {timing_on} · "
+            f"{machine_line()} · {args.jobs} run(s) at a time", "",
             f"Seeds {args.seeds}, QAT {args.qat_epochs:g} epochs from the cached float model; the non-binary "
             "parameters with Adam (lr 1e-3, cosine) in every row; binary optimizers at their defaults "
-            f"{DEFAULTS}.", "", f"`python benchmarks/binary.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-            ""]  # fmt: skip
+            f"{DEFAULTS}; distillation weight {args.kd_weight:g}.", "",
+            f"`python benchmarks/binary.py {' '.join(argv if argv is not None else sys.argv[1:])}`", ""]  # fmt: skip
     parts = []
-    for model in args.models:
+    for model in [] if args.grid_only else args.models:
         times = step_times(model, args) if not args.skip_timing else {}
         body = []
         for opt in args.optimizers:
-            for kd in (False, True) if not args.no_kd else (False,):
-                runs = [one_run(model, opt, kd, s, DEFAULTS[opt], args) for s in args.seeds]
+            for kd in kd_rows:
+                runs = [next(done) for _ in args.seeds]
                 acc = [r["accuracy"] for r in runs]
                 gap = [r["float"] - r["accuracy"] for r in runs]
                 step = f"{times[opt] / times['float']:.2f}×" if times else "–"
                 body.append([opt + (" + distill" if kd else ""), _ms(acc), _ms(gap),
                              _ms([r["flip_start"] for r in runs], 100, ".3f"),
                              _ms([r["flip_end"] for r in runs], 100, ".4f"), step])  # fmt: skip
-                print(markdown_table(["optimizer", "acc %", "gap", "flips start %", "flips end %", "step"], body),
-                      flush=True)
         timing = ("step medians (batch 128): " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in times.items())
                   ) if times else "step time not measured"  # fmt: skip
         parts.append(f"## {model}, float {runs[0]['float']:.2f} %\n\n" + markdown_table(
             ["binary optimizer", "accuracy % (mean ± half-range)", "gap to float (points)",
              "flip ratio, first eval window %", "flip ratio, last window %", "step time vs float"], body)
             + f"\n\n- {timing}\n")  # fmt: skip
-    if not args.no_grid:
-        grid_rows = []
-        for opt in (o for o in args.optimizers if o in GRID):
-            (k1, v1), (k2, v2) = GRID[opt].items()
-            accs = []
-            for a in v1:
-                for b in v2:
-                    accs.append(one_run(args.models[0], opt, False, args.seeds[0], {**DEFAULTS[opt], k1: a, k2: b},
-                                        args, tag=f"-grid-{k1}{a:g}-{k2}{b:g}")["accuracy"])  # fmt: skip
-            grid_rows.append([opt, f"{k1} ∈ {v1}, {k2} ∈ {v2}", f"{max(accs):.2f}", f"{min(accs):.2f}",
-                              f"{max(accs) - min(accs):.2f}", f"{statistics.pstdev(accs):.2f}",
-                              " ".join(f"{a:.1f}" for a in accs)])  # fmt: skip
-            print(markdown_table(["optimizer", "grid", "best", "worst", "spread", "std", "all"], grid_rows), flush=True)
+    grid_rows = []
+    for opt in grid_opts:
+        (k1, v1), (k2, v2) = GRID[opt].items()
+        accs = [next(done)["accuracy"] for _ in range(len(v1) * len(v2))]
+        grid_rows.append([opt, f"{k1} ∈ {v1}, {k2} ∈ {v2}", f"{max(accs):.2f}", f"{min(accs):.2f}",
+                          f"{max(accs) - min(accs):.2f}", f"{statistics.pstdev(accs):.2f}",
+                          " ".join(f"{a:.1f}" for a in accs)])  # fmt: skip
+    if grid_rows:
         parts.append(f"## Sensitivity: {args.models[0]}, seed {args.seeds[0]}, no distillation, 3 × 3 grid\n\n"
                      + markdown_table(["optimizer", "grid", "best %", "worst %", "spread (points)", "std",
                                        "accuracies (row-major)"], grid_rows) + "\n")  # fmt: skip
+    text = "\n".join(head) + "\n" + "\n".join(parts)
+    print(text, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(head) + "\n" + "\n".join(parts))
+    args.out.write_text(text)
     print(f"wrote {args.out}")
 
 

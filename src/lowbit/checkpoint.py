@@ -42,7 +42,7 @@ def digest(meta: Any, tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the JSON of ``meta`` and every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for k in sorted(tensors):
-        t = tensors[k].contiguous()
+        t = tensors[k].detach().cpu().contiguous()
         h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

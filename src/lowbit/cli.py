@@ -137,6 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = run(recipe, run_dir, resume=args.resume, progress=not args.no_progress, force=args.force,
                       fsdp=args.fsdp)  # fmt: skip
+        distributed.barrier()  # every rank done with its collectives before any tears the process group down
     finally:
         distributed.shutdown()
     report = run_dir / "report.html"

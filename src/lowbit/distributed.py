@@ -100,6 +100,20 @@ def init(device: str = "cpu") -> World:
     return world()
 
 
+def torch_device(name: str) -> torch.device:
+    """The device a recipe's ``device`` names, checked against this machine: a CUDA device that is not
+    there is a ConfigError, never a silent CPU run. Under torchrun a bare ``cuda`` is this process's GPU."""
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: this torch has no CUDA device; use cpu")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -153,7 +153,7 @@ def iterate_batches(
     _check_count("start_batch", start_batch, minimum=0)
     if start_batch > total:
         raise ConfigError(f"start_batch={start_batch}: allowed 0..{total} for this epoch")
-    perm = torch.randperm(x.shape[0], generator=epoch_generator(seed, epoch)) if shuffle else None
+    perm = torch.randperm(x.shape[0], generator=epoch_generator(seed, epoch)).to(x.device) if shuffle else None
     return _batches(x, y, batch_size, perm, start_batch, total)
 
 

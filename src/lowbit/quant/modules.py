@@ -22,7 +22,7 @@ their integers out of the graph and do not offer it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -33,10 +33,9 @@ from lowbit.quant.quantizer import Quantizer
 if TYPE_CHECKING:
     from lowbit.config import LowRankSpec, QuantSpec
 
-__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "QuantLayer", "quantized_layers"]
+__all__ = ["QuantLinear", "QuantConv2d", "QUANT_MODULES", "QuantLayer", "is_quant_layer", "quantized_layers"]
 
 
-@runtime_checkable
 class QuantLayer(Protocol):
     """What every quantized layer kind offers (see the module docstring)."""
 
@@ -50,7 +49,17 @@ class QuantLayer(Protocol):
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The quantized (fake-quant) layers of ``model``, of every kind, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+    return [(n, m) for n, m in model.named_modules() if is_quant_layer(m)]
+
+
+_SURFACE = ("weight_quantizer", "input_quantizer", "weight_int", "quantized_weight", "set_bits")
+
+
+def is_quant_layer(m: nn.Module) -> bool:
+    """Whether ``m`` offers ``QuantLayer``'s surface. Not ``isinstance`` on a runtime-checkable protocol:
+    from Python 3.12 that looks attributes up statically, and misses the quantizers a module keeps among
+    its submodules (every quantized layer was then invisible on 3.12)."""
+    return all(hasattr(m, a) for a in _SURFACE)
 
 
 def _attach_quantizers(

@@ -15,6 +15,7 @@ head on ``chunk_tokens`` positions at a time and recomputes them in the backward
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,11 +97,7 @@ class TextTask:
         assert cfg is not None  # Recipe fills the default for task: causal_lm
         self.recipe, self.cfg = recipe, cfg
         self.dataset = recipe.data.name
-        self.device = torch.device(recipe.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={recipe.device!r}: this torch has no CUDA device; use cpu")
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"device={recipe.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        self.device = distributed.torch_device(recipe.device)
         text = load_text(recipe.data.name, "data.name")
         self.model: nn.Module | None = None
         if tokenizer is None:
@@ -121,13 +118,14 @@ class TextTask:
 
     @classmethod
     def for_run(cls, recipe: Recipe, run_dir: Path) -> TextTask:
-        """The task of a finished run, with the tokenizer the run saved (the float model is not loaded)."""
+        """The task of a finished run, with the tokenizer the run saved (the float model is not loaded), on
+        the CPU where ``lowbit.load`` puts the run's integer model."""
         from transformers import AutoTokenizer
 
         folder = run_dir / "tokenizer"
         if not folder.is_dir():
             raise ConfigError(f"run {str(run_dir)!r} has no tokenizer/ folder: finish it with `lowbit train --resume`")
-        return cls(recipe, AutoTokenizer.from_pretrained(folder))
+        return cls(dataclasses.replace(recipe, device="cpu"), AutoTokenizer.from_pretrained(folder))
 
     def float_model(self, run_dir: Path, resume: bool, progress: bool) -> nn.Module:
         """The pretrained model: the one loaded with the tokenizer the first time, a fresh copy after that

@@ -4,14 +4,16 @@ trained on the Q4_0 grid and written block-exactly, on held-out Shakespeare and 
 Every file is written by ``lowbit.export.gguf.export_gguf`` from the same float model (``float_linears``:
 ``f16``; ``q4_0`` / ``q4_1`` round each block to nearest with gguf's reference quantizer, as
 ``llama-quantize`` would) or from the LR-QAT run's integer model (``recipes/smollm2-lrqat-q4_0.yaml``,
-trained first if ``runs/bench-gguf/smollm2-lrqat-q4_0`` does not hold it). Embeddings are F16 in every
-file, so rows differ only in the decoder's linears. Perplexity: exp of the mean next-token NLL over the
+trained first if ``runs/bench-gguf/smollm2-lrqat-q4_0`` does not hold it). Embeddings are F16 in the first
+rows, so they differ only in the decoder's linears; ``--embedding-rows`` adds files whose token embedding
+(and so the tied head) is Q8_0 / Q4_0 by round-to-nearest, or Q4_0 with learned scales
+(``recipes/smollm2-lrqat-q4_0-emb.yaml``, a second run). Perplexity: exp of the mean next-token NLL over the
 first ``--windows`` non-overlapping windows of ``--seq`` tokens of each corpus (the run's tokenizer; the
 token ids are fed to llama.cpp directly), from llama.cpp's logits, and for lowbit's own integer model
 (torch) on the same windows. Tokens/s: llama.cpp's prompt processing of those windows (batch = window),
 on this machine's threads; only meaningful on a quiet machine.
 
-    .venv/bin/python benchmarks/gguf_runtime.py [--windows 16] [--seq 256] [--threads 2]
+    .venv/bin/python benchmarks/gguf_runtime.py [--windows 16] [--seq 256] [--threads 2] [--embedding-rows]
 
 (Not benchmarks/gguf.py: a script of that name would shadow the gguf package for everything it imports.)
 """
@@ -43,6 +45,7 @@ from lowbit.tasks.text import TextTask  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gguf.md"
 RUN = RUNS_DIR / "bench-gguf" / "smollm2-lrqat-q4_0"
+RUN_EMB = RUNS_DIR / "bench-gguf" / "smollm2-lrqat-q4_0-emb"
 
 
 def windows(ids: torch.Tensor, n: int, seq: int) -> list[list[int]]:
@@ -86,12 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--embedding-rows", action="store_true",
+                   help="add files whose token embedding is Q8_0 / Q4_0 (round-to-nearest, or trained: a second run)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     recipe = load_recipe(ROOT / "recipes" / "smollm2-lrqat-q4_0.yaml")
-    if not (RUN / "summary.json").is_file():
-        subprocess.run([sys.executable, "-m", "lowbit", "train", "smollm2-lrqat-q4_0", "--runs", str(RUN.parent),
-                        "--no-progress", *(["--resume"] if RUN.exists() else [])], check=True)  # fmt: skip
+    for run in (RUN, RUN_EMB) if args.embedding_rows else (RUN,):
+        if not (run / "summary.json").is_file():
+            subprocess.run([sys.executable, "-m", "lowbit", "train", run.name, "--runs", str(run.parent),
+                            "--no-progress", *(["--resume"] if run.exists() else [])], check=True)  # fmt: skip
     task = TextTask.for_run(recipe, RUN)
     assert task.other is not None
     corpora = {"Shakespeare (held out)": windows(task.held, args.windows, args.seq),
@@ -108,6 +114,17 @@ def main(argv: list[str] | None = None) -> None:
                                                                tokenizer_gguf=tok, float_linears="q4_1"),
         "lowbit LR-QAT on Q4_0, block-exact": export_gguf(int_model, folder / "lowbit-q4_0.gguf", tokenizer_gguf=tok),
     }  # fmt: skip
+    if args.embedding_rows:  # the token embedding (tied head) too: round-to-nearest, or its scales learned
+        files.update({
+            "RTN Q4_0, token_embd RTN Q4_0": export_gguf(float_model, folder / "rtn-q4_0-emb.gguf", tokenizer_gguf=tok,
+                                                         float_linears="q4_0", embeddings="q4_0"),
+            "lowbit Q4_0, token_embd RTN Q8_0": export_gguf(int_model, folder / "lowbit-q4_0-embq8.gguf",
+                                                            tokenizer_gguf=tok, embeddings="q8_0"),
+            "lowbit Q4_0, token_embd RTN Q4_0": export_gguf(int_model, folder / "lowbit-q4_0-embq4.gguf",
+                                                            tokenizer_gguf=tok, embeddings="q4_0"),
+            "lowbit Q4_0, token_embd Q4_0 scales learned (smollm2-lrqat-q4_0-emb)": export_gguf(
+                lowbit.load(RUN_EMB / "model.safetensors").eval(), folder / "lowbit-q4_0-emb.gguf", tokenizer_gguf=tok),
+        })  # fmt: skip
     rows, ppl = [], {}
     for label, path in files.items():
         cells, speeds = [], []

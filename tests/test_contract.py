@@ -34,6 +34,7 @@ transformers = pytest.importorskip("transformers")
 KINDS: dict[str, LowRankSpec | str | None] = {
     "quant": None,
     "binary": "binary",  # QuantLinear/QuantConv2d on the binary grid {-s, +s}
+    "embedding": "embedding",  # QuantEmbedding (quant.embedding) and the head tied to it, beside QuantLinear
     "lrqat": LowRankSpec(rank=4),
     "lrqat_int": LowRankSpec(rank=4, phi="int"),
     "scales_only": LowRankSpec(rank=0),
@@ -117,6 +118,11 @@ MODELS: dict[str, dict[str, Any]] = {
 
 def _config(model_name: str, kind: str) -> QuantConfig:
     config = MODELS[model_name]["config"]
+    if kind == "embedding":
+        if model_name != "llama":
+            pytest.skip("the CNN has no embedding")
+        return dataclasses.replace(config(None), embedding=QuantSpec(bits=4, granularity="group", group_size=16,
+                                                                     init="minmax"))  # fmt: skip
     if kind != "binary":
         return config(KINDS[kind])
     binary = QuantSpec(bits=1, granularity="channel", binary=BinarySpec(scale="mean_abs"))

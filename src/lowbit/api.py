@@ -24,9 +24,10 @@ from torch import nn
 
 from lowbit.config import INHERIT, LowRankSpec, QuantConfig, QuantSpec, Rule
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear
+from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntEmbedding, IntLinear, IntTiedHead
 from lowbit.methods.lrqat import LOWRANK_KINDS, LowRankQuantLinear, QLoRALinear, convert_lowrank, convert_qlora
 from lowbit.quant.calibrate import init_range
+from lowbit.quant.embedding import QuantEmbedding, QuantTiedHead
 from lowbit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from lowbit.quant.modules import quantized_layers as fake_quant_layers
 from lowbit.quant.quantizer import Quantizer
@@ -38,6 +39,7 @@ __all__ = ["prepare", "convert", "layer_table", "quantized_layers", "calibrate",
 LAYER_KINDS: dict[tuple[type[nn.Module], str | None], Any] = {
     (nn.Linear, None): QuantLinear,
     (nn.Conv2d, None): QuantConv2d,
+    (nn.Embedding, None): QuantEmbedding,  # through quant.embedding, not the rules
     **{(nn.Linear, variant): kind for variant, kind in LOWRANK_KINDS.items()},
 }
 
@@ -45,6 +47,7 @@ LAYER_KINDS: dict[tuple[type[nn.Module], str | None], Any] = {
 CONVERTERS: dict[type[nn.Module], Callable[[Any], nn.Module]] = {
     QuantLinear: IntLinear.from_quant,
     QuantConv2d: IntConv2d.from_quant,
+    QuantEmbedding: IntEmbedding.from_quant,
     LowRankQuantLinear: convert_lowrank,
     QLoRALinear: convert_qlora,
 }
@@ -63,6 +66,42 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if type(mod) in QUANT_MODULES:
             out.append((name, mod))
     return out
+
+
+def _embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, IntEmbedding | QuantEmbedding):
+            raise ConfigError(f"module {name!r} is already quantized: call lowbit.prepare once per model")
+        if type(mod) is nn.Embedding:
+            out.append((name, mod))
+    return out
+
+
+def _quantize_embeddings(model: nn.Module, embeddings: list[tuple[str, nn.Module]], spec: QuantSpec | None) -> None:
+    """Swap each ``nn.Embedding`` for a ``QuantEmbedding`` and each float head tied to one (the same weight
+    parameter) for a ``QuantTiedHead`` that reads its integers; a head quantized on its own is refused."""
+    if spec is None or not embeddings:
+        return
+    tied: dict[int, tuple[str, QuantEmbedding]] = {}
+    for name, mod in embeddings:
+        try:
+            new = QuantEmbedding.from_float(mod, spec)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ConfigError(f"layer {name!r}: {e}") from None
+        model.set_submodule(name, new)
+        tied[id(new.weight)] = (name, new)
+    for name, mod in list(model.named_modules()):
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, nn.Parameter) or id(w) not in tied or isinstance(mod, QuantEmbedding):
+            continue
+        ename, emb = tied[id(w)]
+        if type(mod) is not nn.Linear or mod.weight.shape != emb.weight.shape:
+            raise ConfigError(
+                f"layer {name!r} shares its weight with the embedding {ename!r}, which quant.embedding quantizes: "
+                f"skip it with a rule ({{match: {name!r}, skip: true}}) and it reads the embedding's integers"
+            )
+        model.set_submodule(name, QuantTiedHead(emb, mod.bias, ename))
 
 
 def _resolve(spec: Any, default: Any) -> Any:
@@ -211,7 +250,8 @@ def prepare(
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"config={type(config).__name__} is not allowed: pass a lowbit.QuantConfig")
     cands = _candidates(model)
-    if not cands:
+    embeddings = _embeddings(model) if config.embedding is not None else []
+    if not cands and not embeddings:
         raise ConfigError(
             f"{type(model).__name__} has no quantizable layer: lowbit quantizes "
             f"{', '.join(t.__name__ for t in QUANT_MODULES)} modules"
@@ -237,11 +277,15 @@ def prepare(
         except ValueError as e:
             raise ConfigError(f"layer {name!r}: {e}") from None
         model.set_submodule(name, new)
+    _quantize_embeddings(model, embeddings, config.embedding)
     if config.freeze_unquantized:
         keep = {id(p) for _, m in fake_quant_layers(model) for p in m.parameters()}
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
+        for _, m in fake_quant_layers(model):  # a quantized table stays the pretrained one, like LR-QAT's
+            if isinstance(m, QuantEmbedding):  # frozen weights; its scales learn
+                m.weight.requires_grad_(False)
     if needs_calib:
         assert calib is not None
         calibrate(model, calib)
@@ -264,6 +308,11 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         if converter is None:
             raise ConfigError(f"layer {name!r}: no converter for {type(mod).__name__} (known: {_names(CONVERTERS)})")
         out.set_submodule(name, converter(mod))
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, QuantTiedHead):
+            emb = out.get_submodule(mod.embedding_name)
+            assert isinstance(emb, IntEmbedding), f"{name!r} is tied to {mod.embedding_name!r}, not converted"
+            out.set_submodule(name, IntTiedHead(emb, mod.bias, mod.embedding_name))
     return out
 
 

@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["lowbit", "onnx", "gguf"], default="lowbit",
                    help="default: lowbit (safetensors); gguf: llama.cpp, for LLaMA-architecture LLM runs")  # fmt: skip
     x.add_argument("--out", help="output path (default: RUN/model.safetensors, RUN/model.onnx or RUN/model.gguf)")
-    x.add_argument("--embeddings", choices=["f16", "f32", "q8_0"], default="f16",
-                   help="gguf: the token embedding's (and a float head's) type (default f16)")  # fmt: skip
+    x.add_argument("--embeddings", choices=["f16", "f32", "q8_0", "q4_0", "q4_1"], default="f16",
+                   help="gguf: a float token embedding's (and float head's) type, q* by round-to-nearest "
+                        "(default f16); one trained on a grid (quant.embedding) is written from its blocks")
     x.add_argument("--round-scales", action="store_true",
                    help="gguf: round float32-trained scales to float16 (else refused: the file would not be exact)")
     x.set_defaults(func=cmd_export)

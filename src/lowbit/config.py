@@ -126,6 +126,11 @@ class QuantConfig:
     ``lowrank``: train the quantized linear layers through low-rank adapters (LR-QAT and its baselines,
     ``LowRankSpec``); a rule may set or clear it per layer. ``freeze_unquantized``: parameters outside
     the quantized layers (embeddings, norms, an LLM's head) do not train, as in weight-only LLM QAT.
+
+    ``embedding``: the grid of every ``nn.Embedding`` (null: they stay float), e.g. ``{format: q8_0}``; a
+    head tied to a quantized embedding reads its integers (skip the head in the rules, as the LLM default
+    does). The table trains in QAT; under ``freeze_unquantized`` it stays the pretrained one and only its
+    scales learn (round-to-nearest with learned scales), as LR-QAT keeps the linears' weights frozen.
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
@@ -134,9 +139,15 @@ class QuantConfig:
     first_last_bits: int | None = None
     lowrank: LowRankSpec | None = None
     freeze_unquantized: bool = False
+    embedding: QuantSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        emb = self.embedding
+        _check(emb is None or isinstance(emb, QuantSpec), "embedding", emb, "null or a QuantSpec mapping")
+        if emb is not None:
+            _check(emb.binary is None, "embedding.binary", emb.binary, "null (an embedding table is not binary)")
+            _check(emb.axis in (0, -2), "embedding.axis", emb.axis, "0: an embedding's scales run along its rows")
         for r in self.rules:
             _check(isinstance(r, Rule), "rules", r, "a list of Rule")
         if self.first_last_bits is not None:
@@ -355,7 +366,7 @@ def _build_quant(data: dict[str, Any], path: str, default: QuantConfig) -> Quant
     """QuantConfig over ``default``, where each rule's partial spec is merged over the config's own spec."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}={data!r} is not allowed: expected a mapping")
-    data = {k: _with_format(v) if k in ("weight", "act") else v for k, v in data.items()}
+    data = {k: _with_format(v) if k in ("weight", "act", "embedding") else v for k, v in data.items()}
     if "rules" not in data:
         return build_dataclass(QuantConfig, data, path, inherit_from=default)
     rules_raw = data.pop("rules")

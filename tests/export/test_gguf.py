@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import lowbit  # noqa: E402
 from lowbit import ConfigError, QuantConfig, QuantSpec  # noqa: E402
-from lowbit.config import LowRankSpec  # noqa: E402
+from lowbit.config import LowRankSpec, Rule  # noqa: E402
 from lowbit.export.gguf import export_gguf, pack_blocks, read_gguf_weights  # noqa: E402
 from lowbit.llm.models import load_causal_lm  # noqa: E402
 
@@ -42,13 +42,16 @@ def test_blocks_equal_a_naive_packer_and_dequantize_exactly(kind: str, lo: int, 
 
 
 def _llama(
-    weight: QuantSpec, lowrank: LowRankSpec | None = None, tied: bool = True, act: QuantSpec | None = None
-) -> torch.nn.Module:
+    weight: QuantSpec, lowrank: LowRankSpec | None = None, tied: bool = True, act: QuantSpec | None = None,
+    embedding: QuantSpec | None = None,
+) -> torch.nn.Module:  # fmt: skip
     args = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "tie_word_embeddings": tied}  # fmt: skip
     model, _ = load_causal_lm("random-llama", args, seed=0)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
-    model = lowbit.prepare(model, QuantConfig(weight=weight, act=act, lowrank=lowrank), calib=[ids])
+    rules = (Rule(match="lm_head", skip=True),) if embedding is not None and tied else ()
+    config = QuantConfig(weight=weight, act=act, lowrank=lowrank, embedding=embedding, rules=rules)
+    model = lowbit.prepare(model, config, calib=[ids])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # move the scales off their initial values: they must stay float16 numbers
         opt.zero_grad()
@@ -193,13 +196,31 @@ def test_cli_exports_an_llm_run_trained_on_q4_0(tmp_path: Path, capsys: pytest.C
         main(["export", str(run), "--format", "gguf", "--embeddings", "q4"])
 
 
-def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_embedding_trained_on_a_block_grid_is_written_exactly(tmp_path: Path, kind: str, tied: bool) -> None:
+    model = _llama(QuantSpec(format="q4_0", init="minmax"), tied=tied,
+                   embedding=QuantSpec(format=kind.lower(), init="minmax"))  # fmt: skip
+    path = export_gguf(model, tmp_path / "m.gguf")
+    got = read_gguf_weights(path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    emb = model.model.embed_tokens.qweight
+    assert types["token_embd.weight"] == kind
+    want = emb.weight_int.float() * emb.weight_scale.repeat_interleave(32, dim=1)
+    np.testing.assert_array_equal(got["token_embd.weight"], want.numpy())
+    np.testing.assert_array_equal(got["token_embd.weight"], model.model.embed_tokens.weight.numpy())
+    assert ("output.weight" in got) == (not tied)  # tied: llama.cpp multiplies by token_embd, the trained table
+
+
+@pytest.mark.parametrize("embedding", [None, "q4_0"])
+def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path, embedding: str | None) -> None:
     """The real runtime (llama-cpp-python, the optional `runtime` extra; this test alone skips without it):
     llama.cpp quantizes activations to 8 bits per block of 32 in its Q4_0 matmuls, so its logits agree with
     lowbit's integer model within that rounding, not bit for bit (measured on this model: 0.004 of a largest
     logit of 1.4, perplexity within 0.02 %); greedy continuations are identical."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = _llama(QuantSpec(format="q4_0", init="minmax"))
+    emb = QuantSpec(format=embedding, init="minmax") if embedding else None
+    model = _llama(QuantSpec(format="q4_0", init="minmax"), embedding=emb)
     path = export_gguf(model, tmp_path / "m.gguf")
     ids = [int(t) for t in np.random.default_rng(0).integers(3, 256, 48)]
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_round_trip_is_exact_at_every_bit_width(tmp_path: Path, bits: int) -> No
     assert torch.equal(loaded(X), ref)
     assert not loaded.training
     meta = json.loads((tmp_path / "m.json").read_text())
-    assert meta["format_version"] == 2 and meta["architecture"]["registry"] == "mobilenetv2"
+    assert meta["format_version"] == 3 and meta["architecture"]["registry"] == "mobilenetv2"
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,7 @@ def test_train_convert_save_load_are_exact_and_binary_layers_take_one_bit(weight
         loaded = lowbit.load(path, model=Net())
         assert torch.equal(loaded(x), ref)
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     assert meta["layers"]["conv2"]["grid"] == "binary" and meta["layers"]["conv2"]["input"]["grid"] == "binary"
     assert "grid" not in meta["layers"]["conv1"]
     with safe_open(str(path), "pt") as f:
@@ -160,7 +160,7 @@ def _rewrite(path: Path, edit) -> Path:  # noqa: ANN001 - a metadata editor
     (lambda m: m["layers"]["conv2"].update(bits=2), "grid 'binary'"),
     (lambda m: m["layers"]["conv2"]["input"].update(grid="sign"), "grid"),
     (lambda m: m["layers"]["conv2"].pop("grid"), "conv2"),  # then 1-bit {-1, 0} codes but a binary scale
-    (lambda m: m.update(format_version=3), "format_version=3"),
+    (lambda m: m.update(format_version=4), "format_version=4"),
 ])  # fmt: skip
 def test_a_file_that_lies_about_its_grid_is_refused(edit, match: str, tmp_path: Path) -> None:  # noqa: ANN001
     model = _binary_model()

@@ -225,7 +225,7 @@ def check_metadata(meta: dict[str, Any], n_tensors: int) -> None:
     for name, spec in layers.items():
         if not name:
             raise _fail("layers", name, "module names (not empty)")
-        _check_layer(f"layers[{name!r}]", spec)
+        _check_layer(f"layers[{name!r}]", spec, layers)
 
 
 _FLOAT_LAYER = {"kind", "shape", "bits", "input"}
@@ -233,13 +233,27 @@ _INT_LAYER = _FLOAT_LAYER | {"signed", "granularity", "axis", "group_size"}
 _INPUT = {"bits", "signed", "symmetric", "granularity", "axis"}
 
 
-def _check_layer(where: str, spec: Any) -> None:
+_KINDS = ("linear", "conv2d", "embedding", "tied_head")
+
+
+def _check_layer(where: str, spec: Any, layers: dict[str, Any]) -> None:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "tied_head":  # a head reading a quantized embedding of the same file; no tensors of its own
+        _keys(where, spec, {"kind", "embedding", "bias"})
+        target = spec["embedding"]
+        if not isinstance(target, str) or not isinstance(layers.get(target), dict) or \
+                layers[target].get("kind") != "embedding":  # fmt: skip
+            raise _fail(f"{where}.embedding", target, "the name of a layer of kind 'embedding' in this file")
+        _bool(f"{where}.bias", spec["bias"])
+        return
     bits = spec.get("bits") if isinstance(spec, dict) else None
     _keys(where, spec, _FLOAT_LAYER if bits == 32 else _INT_LAYER, frozenset({"adapter", "grid"}))
     kind, shape = spec["kind"], spec["shape"]
-    if kind not in ("linear", "conv2d"):
-        raise _fail(f"{where}.kind", kind, "'linear' or 'conv2d'")
-    ndim = 2 if kind == "linear" else 4
+    if kind not in _KINDS:
+        raise _fail(f"{where}.kind", kind, f"one of {_KINDS}")
+    if kind == "embedding" and spec["input"] is not None:
+        raise _fail(f"{where}.input", spec["input"], "null: an embedding's input is token ids")
+    ndim = 4 if kind == "conv2d" else 2
     if not isinstance(shape, list) or len(shape) != ndim:
         raise _fail(f"{where}.shape", shape, f"a list of {ndim} dimensions")
     for i, d in enumerate(shape):

@@ -18,7 +18,11 @@ Quantized inputs (activation quantization) are refused: the file holds weights, 
 activations itself. Asymmetric grids (an integer zero point) are refused: ``Q4_1``'s offset is a float16 number, not an
 integer zero point, so it needs its own training grid (not built yet).
 
-Everything else: the norms in float32; the token embedding (and an untied output head that stayed
+The token embedding, when trained on a grid (``quant.embedding``, e.g. ``format: q8_0`` or ``q4_0``), is
+written the same way from its own integers, rows of ``dim`` values; a head tied to it is llama.cpp's
+default (no ``output.weight``: llama.cpp multiplies by ``token_embd``), so the file's head is the trained one.
+
+Everything else: the norms in float32; a float token embedding (and an untied output head that stayed
 float) as ``F16`` (default), ``F32`` or ``Q8_0`` by gguf's reference quantizer (``embeddings``); linears
 that stayed float (or a float model: ``nn.Linear``) as ``float_linears``: ``f16``, ``f32``, or ``q8_0`` /
 ``q4_0`` / ``q4_1`` by gguf's reference round-to-nearest, which is what ``llama-quantize`` would write (the baseline
@@ -44,7 +48,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import IntLinear
+from lowbit.export.intmodules import IntEmbedding, IntLinear, IntTiedHead
 
 __all__ = ["export_gguf", "read_gguf_weights", "pack_blocks", "EMBEDDING_TYPES", "BLOCK"]
 
@@ -52,7 +56,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 32  # values per block of Q4_0 and Q8_0
 RANGES = {"Q4_0": (-8, 7), "Q8_0": (-128, 127)}
-EMBEDDING_TYPES = ("f16", "f32", "q8_0")
+EMBEDDING_TYPES = ("f16", "f32", "q8_0", "q4_0", "q4_1")  # of a float table: q* by gguf's round-to-nearest
 # Hugging Face LLaMA module names -> llama.cpp tensor names (blk.N. prefix for the decoder layers)
 LAYER_NAMES = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -109,8 +113,8 @@ def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool) 
     return out
 
 
-def _quantized(name: str, layer: IntLinear, round_scales: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer."""
+def _quantized(name: str, layer: IntLinear | IntEmbedding, round_scales: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer or embedding table."""
     qw = layer.qweight
     ints = qw.weight_int.detach().to(torch.int32).cpu().numpy()
     rows, cols = ints.shape
@@ -173,7 +177,12 @@ def _tensors(
         out.append((gname, pack_blocks(ints, scales, kind), getattr(q, kind)))
 
     decoder = model.model
-    floating("token_embd.weight", decoder.embed_tokens.weight, embeddings)
+    emb = decoder.embed_tokens
+    if isinstance(emb, IntEmbedding):  # trained on a block grid (quant.embedding): its own integers and scales
+        ints, scales, kind = _quantized("model.embed_tokens", emb, round_scales)
+        out.append(("token_embd.weight", pack_blocks(ints, scales, kind), getattr(q, kind)))
+    else:
+        floating("token_embd.weight", emb.weight, embeddings)
     for i, block in enumerate(decoder.layers):
         for hf, short in LAYER_NAMES.items():
             mod = block.get_submodule(hf)
@@ -185,8 +194,9 @@ def _tensors(
                 linear(gname, f"model.layers.{i}.{hf}", mod, heads_of)
     out.append(("output_norm.weight", decoder.norm.weight.detach().float().cpu().numpy(), None))
     head = model.lm_head
-    tied = head.weight is decoder.embed_tokens.weight if isinstance(head, nn.Linear) else False
-    if not tied:
+    float_tie = isinstance(head, nn.Linear) and head.weight is getattr(emb, "weight", None)
+    tied = isinstance(head, IntTiedHead) or float_tie
+    if not tied:  # a tied head is llama.cpp's default: it reads token_embd
         if isinstance(head, IntLinear):
             linear("output.weight", "lm_head", head, None)
         else:
@@ -236,8 +246,8 @@ def export_gguf(
     gguf = _gguf()
     if embeddings not in EMBEDDING_TYPES:
         raise ConfigError(f"embeddings={embeddings!r} is not allowed: use one of {', '.join(EMBEDDING_TYPES)}")
-    if float_linears not in (*EMBEDDING_TYPES, "q4_0", "q4_1"):
-        allowed = EMBEDDING_TYPES + ("q4_0", "q4_1")
+    if float_linears not in EMBEDDING_TYPES:
+        allowed = EMBEDDING_TYPES
         raise ConfigError(f"float_linears={float_linears!r} is not allowed: use one of {allowed}")
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) != "llama" or not hasattr(model, "model") or not hasattr(model, "lm_head"):

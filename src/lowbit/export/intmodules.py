@@ -17,7 +17,8 @@ from lowbit.quant import functional as F
 from lowbit.quant.functional import dequantize_weight, int_dtype
 from lowbit.quant.quantizer import Quantizer
 
-__all__ = ["IntLinear", "IntConv2d", "IntWeight", "LowRankAdapter", "frozen_copy", "use_int_matmul", "INT_LAYERS"]
+__all__ = ["IntLinear", "IntConv2d", "IntEmbedding", "IntTiedHead", "IntWeight", "LowRankAdapter", "frozen_copy",
+           "use_int_matmul", "INT_LAYERS"]
 
 
 class IntWeight(nn.Module):
@@ -242,4 +243,48 @@ def use_int_matmul(model: nn.Module, enabled: bool = True) -> int:
     return n
 
 
-INT_LAYERS = (IntLinear, IntConv2d)
+class IntEmbedding(nn.Module):
+    """An embedding table of integers (``IntWeight``); lookups gather rows of the dequantized table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qweight: IntWeight, padding_idx: int | None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.qweight = qweight
+        self.bias = None
+        self.register_buffer("weight", self.qweight.dequantized(), persistent=False)
+
+    @classmethod
+    def from_quant(cls, quant: nn.Embedding) -> IntEmbedding:
+        """The converter of ``QuantEmbedding``."""
+        return cls(quant.num_embeddings, quant.embedding_dim, IntWeight.from_layer(quant), quant.padding_idx)
+
+    @property
+    def input_quantizer(self) -> None:
+        return None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return nn.functional.embedding(ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight_bits={self.qweight.weight_bits}"
+
+
+class IntTiedHead(nn.Module):
+    """An output head tied to an ``IntEmbedding``: ``y = x · Eᵀ (+ b)`` with the embedding's dequantized table."""
+
+    def __init__(self, embedding: IntEmbedding, bias: nn.Parameter | None, name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: its integers are stored once
+        self.embedding_name = name
+        self.bias = bias
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.embedding.weight.to(x.dtype), b)
+
+    def extra_repr(self) -> str:
+        return f"tied to {self.embedding_name!r}, {self.in_features} -> {self.out_features}"
+
+
+INT_LAYERS = (IntLinear, IntConv2d, IntEmbedding)

@@ -1,6 +1,7 @@
 """``lowbit.save`` / ``lowbit.load``: integer models as one safetensors file with JSON metadata.
 
-The file (``format_version`` 2; version 1 files, which never hold a binary grid, load unchanged) holds,
+The file (``format_version`` 3; version 1 and 2 files, which hold neither binary grids (1) nor embeddings
+(1, 2), load unchanged) holds,
 as safetensors tensors:
 
 - per integer layer ``L``: ``L.weight_packed`` (uint8, the integers packed at their bit width by
@@ -15,11 +16,13 @@ and in the safetensors metadata, under ``"lowbit"``, one JSON object::
 
     {"format_version": 1, "architecture": {"registry": "mobilenetv2", "args": {...}}
                                         | {"hf_class": "LlamaForCausalLM", "hf_config": {...}} | null,
-     "layers": {L: {"kind": "linear" | "conv2d", "shape": [...], "bits": 4, "signed": true,
+     "layers": {L: {"kind": "linear" | "conv2d" | "embedding", "shape": [...], "bits": 4, "signed": true,
                     "granularity": "channel", "axis": 0, "group_size": null,
                     "grid": "binary" (weights in {−s, +s}, bits 1; absent: the integer grid), optional,
                     "input": {"bits", "signed", "symmetric", "granularity", "axis", "grid" (optional)} | null,
-                    "adapter": {"rank", "alpha"} (QLoRA-style float adapters: L.lora_a, L.lora_b), optional}},
+                    "adapter": {"rank", "alpha"} (QLoRA-style float adapters: L.lora_a, L.lora_b), optional}
+                | {"kind": "tied_head", "embedding": E, "bias": bool} (a head multiplying by embedding layer E's
+                  dequantized table; only L.bias, if any, of its own)},
      "aliases": {name: name of the tensor it shares storage with (tied embeddings)}, optional,
      "sha256": digest of the metadata (without this field) and of every tensor's name, dtype, shape, bytes}
 
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,21 +59,22 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lowbit.checkpoint import atomic_write_text, digest
-from lowbit.config import BinarySpec, QuantSpec
 from lowbit.errors import ConfigError, FormatError
 from lowbit.export.checks import (
     MAX_ENTRIES,
     check_hf_config,
     check_memory,
     check_metadata,
-    check_qparams,
     parameters_on_meta,
     parse_metadata,
     registration_limit,
 )
-from lowbit.export.intmodules import INT_LAYERS, IntConv2d, IntLinear, IntWeight, LowRankAdapter
-from lowbit.export.pack import pack, pack_sign, unpack, unpack_sign
-from lowbit.quant.functional import int_dtype, int_range
+from lowbit.export.intmodules import (
+    INT_LAYERS,
+    IntTiedHead,
+)
+from lowbit.export.layer_io import KIND, int_layer, tied_head
+from lowbit.export.pack import pack, pack_sign
 from lowbit.quant.quantizer import Quantizer
 from lowbit.validate import is_int
 
@@ -79,8 +82,8 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: the binary grid ("grid": "binary")
-READS = (1, 2)
+FORMAT_VERSION = 3  # 2: the binary grid ("grid": "binary"); 3: embeddings and tied heads
+READS = (1, 2, 3)
 
 
 def _quantizer_meta(q: Quantizer) -> dict[str, Any]:
@@ -109,11 +112,17 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
     layers: dict[str, Any] = {}
     int_prefixes = []
     for name, mod in model.named_modules():
+        if isinstance(mod, IntTiedHead):
+            int_prefixes.append(name + ".")
+            layers[name] = {"kind": "tied_head", "embedding": mod.embedding_name, "bias": mod.bias is not None}
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach().contiguous()
+            continue
         if not isinstance(mod, INT_LAYERS):
             continue
         int_prefixes.append(name + ".")
         qw = mod.qweight
-        entry: dict[str, Any] = {"kind": "linear" if isinstance(mod, IntLinear) else "conv2d"}
+        entry: dict[str, Any] = {"kind": KIND[type(mod)]}
         if hasattr(qw, "weight_float"):
             entry.update(shape=list(qw.weight_float.shape), bits=32)
             tensors[f"{name}.weight"] = qw.weight_float.detach().contiguous()
@@ -239,97 +248,6 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, tensors
 
 
-def _take(tensors: dict[str, Tensor], key: str, dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> Tensor:
-    if key not in tensors:
-        raise FormatError(f"tensor {key!r} is missing")
-    t = tensors.pop(key)
-    if dtype is not None and t.dtype != dtype:
-        raise FormatError(f"tensor {key!r} has dtype {t.dtype}, expected {dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise FormatError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    return t
-
-
-def _input_quantizer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor]) -> Quantizer:
-    scale = _take(tensors, f"{name}.input_scale", torch.float32, None)
-    binary = BinarySpec(scale="one") if spec.get("grid") == "binary" else None  # a fixed scale: the file's
-    qspec = QuantSpec(
-        bits=spec["bits"], symmetric=spec["symmetric"], granularity=spec["granularity"], axis=spec["axis"],
-        signed=spec["signed"], learn_scale=False, binary=binary,
-    )
-    channels = scale.numel() if spec["granularity"] == "channel" else None
-    q = Quantizer(qspec, None, channels=channels)
-    if tuple(q.scale.shape) != tuple(scale.shape):
-        raise FormatError(
-            f"tensor {name}.input_scale has shape {tuple(scale.shape)}, expected {tuple(q.scale.shape)}"
-        )
-    zp = None if spec["symmetric"] else _take(tensors, f"{name}.input_zero_point", torch.float32, tuple(scale.shape))
-    check_qparams(f"{name}.input", scale, zp, *(q.int_grid() if binary else int_range(spec["bits"], spec["signed"])))
-    q.scale.copy_(scale)
-    if zp is not None:
-        q.zero_point.copy_(zp)
-    q.initialized.fill_(True)
-    return q.eval()
-
-
-def _int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
-    """The integer layer ``spec`` (checked by ``check_metadata``) describes, from the file's tensors."""
-    kind = spec["kind"]
-    want = nn.Linear if kind == "linear" else nn.Conv2d
-    if not isinstance(float_mod, want):
-        raise FormatError(f"layer {name!r} is a {kind} in the file but a {type(float_mod).__name__} in the model")
-    shape = tuple(spec["shape"])
-    if tuple(float_mod.weight.shape) != shape:
-        raise FormatError(
-            f"layer {name!r} has weight shape {shape} in the file, {tuple(float_mod.weight.shape)} in the model"
-        )
-    iq = _input_quantizer(name, spec["input"], tensors) if spec["input"] is not None else None
-    bits = spec["bits"]
-    if bits == 32:
-        w = _take(tensors, f"{name}.weight", float_mod.weight.dtype, shape)
-        qweight = IntWeight(None, None, None, 32, True, "tensor", 0, None, iq, w)
-    else:
-        signed, numel = spec["signed"], math.prod(shape)
-        binary = spec.get("grid") == "binary"
-        qmin, qmax = (-1, 1) if binary else int_range(bits, signed)
-        zkey = f"{name}.weight_zero_point"
-        probe = Quantizer(  # for the scale's shape
-            QuantSpec(
-                bits=bits, symmetric=zkey not in tensors, granularity=spec["granularity"],
-                group_size=spec["group_size"], axis=spec["axis"], signed=signed, learn_scale=False,
-                binary=BinarySpec(scale="one") if binary else None,
-            ),
-            shape,
-        )
-        packed = _take(tensors, f"{name}.weight_packed", torch.uint8, None)
-        ints = unpack_sign(packed, numel) if binary else unpack(packed, bits, signed, numel)
-        q = ints.reshape(shape).to(int_dtype(qmin, qmax))
-        scale = _take(tensors, f"{name}.weight_scale", None, tuple(probe.scale.shape))
-        if scale.dtype not in (torch.float32, torch.float16):
-            raise FormatError(f"tensor {name + '.weight_scale'!r} has dtype {scale.dtype}, expected float32 or float16")
-        scale = scale.float()
-        zp = _take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
-        check_qparams(f"{name}.weight", scale, zp, qmin, qmax)
-        qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq,
-                            binary=binary)
-    bkey = f"{name}.bias"
-    bias = None
-    if float_mod.bias is not None:
-        b = _take(tensors, bkey, float_mod.bias.dtype, tuple(float_mod.bias.shape))
-        bias = nn.Parameter(b, requires_grad=False)
-    elif bkey in tensors:
-        raise FormatError(f"tensor {bkey!r} is in the file but layer {name!r} of the model has no bias")
-    if kind == "conv2d":
-        return IntConv2d(float_mod, qweight, bias)
-    adapter = None
-    if "adapter" in spec:  # float adapters beside the integers (the QLoRA-style baseline)
-        rank = spec["adapter"]["rank"]
-        lora_a = _take(tensors, f"{name}.lora_a", torch.float32, (shape[0], rank))
-        lora_b = _take(tensors, f"{name}.lora_b", torch.float32, (rank, shape[1]))
-        adapter = LowRankAdapter(lora_a, lora_b, float(spec["adapter"]["alpha"]))
-    return IntLinear(float_mod.in_features, float_mod.out_features, qweight, bias, adapter)
-
-
 def _inside(key: str, names: dict[str, Any]) -> bool:
     """Whether the state_dict key ``key`` belongs to one of the modules ``names``."""
     parts = key.split(".")
@@ -347,7 +265,14 @@ def _fill(model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor]) ->
     for name, spec in layers.items():
         if name not in modules:
             raise FormatError(f"layer {name!r} of the file does not exist in the model")
-        model.set_submodule(name, _int_layer(name, spec, modules[name], tensors))
+        if spec["kind"] != "tied_head":
+            model.set_submodule(name, int_layer(name, spec, modules[name], tensors))
+    for name, spec in layers.items():  # after the embeddings they read
+        if spec["kind"] == "tied_head":
+            if not isinstance(modules[name], nn.Linear):
+                raise FormatError(f"layer {name!r} is a tied_head in the file but a {type(modules[name]).__name__} "
+                                  "in the model")  # fmt: skip
+            model.set_submodule(name, tied_head(name, spec, modules[name], model, tensors))
     for k, target in aliases.items():
         if k in tensors or target not in tensors:
             raise FormatError(f"alias {k!r} -> {target!r}: aliases name tensors the file holds under another name")

@@ -190,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = export_gguf(int_model, Path(args.out or run_dir / default), name=recipe.name,
                           tokenizer_gguf=source_gguf(recipe.model.name), embeddings=args.embeddings,
-                          round_scales=args.round_scales)  # fmt: skip
+                          round_scales=args.round_scales, ternary=args.ternary == "tq2_0")  # fmt: skip
     elif args.format == "onnx":
         from lowbit.export.onnx import export_onnx
 
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embeddings", choices=["f16", "f32", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="gguf: a float token embedding's (and float head's) type, q* by round-to-nearest "
                         "(default f16); one trained on a grid (quant.embedding) is written from its blocks")
+    x.add_argument("--ternary", choices=["tq2_0", "q4_0"], default="tq2_0",
+                   help="gguf: ternary layers (rows of 256k) as TQ2_0, 2.06 bits a weight (default), or Q4_0")
     x.add_argument("--round-scales", action="store_true",
                    help="gguf: round float32-trained scales to float16 (else refused: the file would not be exact)")
     x.set_defaults(func=cmd_export)

@@ -218,10 +218,13 @@ def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path, embeddin
     llama.cpp quantizes activations to 8 bits per block of 32 in its Q4_0 matmuls, so its logits agree with
     lowbit's integer model within that rounding, not bit for bit (measured on this model: 0.004 of a largest
     logit of 1.4, perplexity within 0.02 %); greedy continuations are identical."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     emb = QuantSpec(format=embedding, init="minmax") if embedding else None
     model = _llama(QuantSpec(format="q4_0", init="minmax"), embedding=emb)
-    path = export_gguf(model, tmp_path / "m.gguf")
+    _agrees_in_llama_cpp(model, export_gguf(model, tmp_path / "m.gguf"))
+
+
+def _agrees_in_llama_cpp(model: torch.nn.Module, path: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
     ids = [int(t) for t in np.random.default_rng(0).integers(3, 256, 48)]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].float().numpy()
@@ -240,6 +243,59 @@ def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path, embeddin
     theirs = [t for _, t in zip(range(8), llm.generate(ids[:16], temp=0.0), strict=False)]
     ours = model.generate(torch.tensor([ids[:16]]), max_new_tokens=8, do_sample=False)[0, 16:].tolist()
     assert theirs == ours
+
+
+def _naive_tq2_0(ints: np.ndarray, d: np.float16) -> bytes:
+    """One block_tq2_0 (256 values) as llama.cpp's reference quantizer lays it out: per 128 values, byte m
+    holds values m, m+32, m+64, m+96 (code q + 1) from the low bits up; then the float16 scale."""
+    out = bytearray()
+    for half in range(2):
+        x = ints[128 * half : 128 * (half + 1)]
+        out += bytes(sum((int(x[m + 32 * n]) + 1) << (2 * n) for n in range(4)) for m in range(32))
+    return bytes(out) + np.array([d], dtype=np.float16).tobytes()
+
+
+def test_tq2_0_blocks_equal_a_naive_packer_and_dequantize_exactly() -> None:
+    ints = RNG.integers(-1, 2, (3, 512))
+    scales = RNG.uniform(0.01, 2, (3, 2)).astype(np.float16).astype(np.float32)  # one per 256
+    raw = pack_blocks(ints, np.repeat(scales, 8, axis=1), "TQ2_0")
+    assert raw.shape == (3, 2 * 66)
+    for r in range(3):
+        for b in range(2):
+            want = _naive_tq2_0(ints[r, 256 * b : 256 * (b + 1)], scales[r, b])
+            assert raw[r, 66 * b : 66 * (b + 1)].tobytes() == want
+    back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.TQ2_0)
+    np.testing.assert_array_equal(back, ints * np.repeat(scales, 256, axis=1))
+
+
+def _ternary_llama() -> torch.nn.Module:
+    """A LLaMA of width 256 with every linear ternary ({-1, 0, 1}·Δ per row, float16 Δ) by ``resiliency``."""
+    from lowbit.methods import attach_methods, build_methods
+
+    args = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2}  # fmt: skip
+    model, _ = load_causal_lm("random-llama", args, seed=0)
+    spec = QuantSpec(bits=2, granularity="channel", scale_dtype="float16", init="minmax")
+    model = lowbit.prepare(model, QuantConfig(weight=spec, act=None, rules=(Rule(match="lm_head", skip=True),)))
+    attach_methods(build_methods([{"name": "resiliency", "levels": 3}], total_steps=1), model, ["resiliency"])
+    return lowbit.convert(model.eval())
+
+
+def test_ternary_layers_are_written_as_tq2_0_exactly_and_run_in_llama_cpp(tmp_path: Path) -> None:
+    model = _ternary_llama()
+    up = model.model.layers[0].mlp.up_proj.qweight
+    assert set(up.weight_int.unique().tolist()) == {-1, 0, 1}
+    path = export_gguf(model, tmp_path / "t.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {types[f"blk.0.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                  "ffn_up", "ffn_down")} == {"TQ2_0"}  # fmt: skip
+    got = read_gguf_weights(path)
+    want = up.weight_int.float() * up.weight_scale.reshape(-1, 1)
+    np.testing.assert_array_equal(got["blk.0.ffn_up.weight"], want.numpy())
+    q4 = read_gguf_weights(export_gguf(model, tmp_path / "q.gguf", ternary=False))
+    np.testing.assert_array_equal(q4["blk.0.ffn_down.weight"], got["blk.0.ffn_down.weight"])  # the same values
+    assert (tmp_path / "t.gguf").stat().st_size < (tmp_path / "q.gguf").stat().st_size
+    _agrees_in_llama_cpp(model, path)
 
 
 def test_a_float_model_is_written_as_floats_or_round_to_nearest_blocks(tmp_path: Path) -> None:

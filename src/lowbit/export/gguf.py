@@ -7,7 +7,12 @@ raw blocks of one GGML type, built from the layer's own integers and scales:
 - ``Q4_0`` where every integer lies in −8..7 (4-bit grids, and narrower ones such as 3-bit or binary):
   per block of 32 inputs one float16 scale ``d`` and 16 bytes holding ``q + 8`` two to a byte (the
   block's first 16 values in the low nibbles, the next 16 in the high ones); value ``(nibble − 8)·d``;
-- ``Q8_0`` where they lie in −128..127: ``d`` and 32 int8 values.
+- ``Q8_0`` where they lie in −128..127: ``d`` and 32 int8 values;
+- ``TQ2_0`` for ternary layers (integers in {−1, 0, 1}, as ``resiliency`` trains at 2 bits) whose rows are
+  multiples of 256 with one scale per 256 (per tensor, per channel, or groups of 256k): per block of 256,
+  64 bytes of 2-bit codes ``q + 1`` and one float16 scale, 2.06 bits a weight. Other ternary layers are
+  ``Q4_0`` (exact too). SmolLM2's width 576 is not a multiple of 256, so only its ``down_proj`` (1536
+  inputs) can be TQ2_0. ``Q1_0`` and ``Q2_0`` are not in the installed llama.cpp (0.3.36's) or gguf.
 
 A block's scale is the layer's scale for that block: one per tensor, per output channel, or per group
 when the group size is a multiple of 32 (a group of 64 is two blocks with the same scale). The scale must
@@ -55,6 +60,7 @@ __all__ = ["export_gguf", "read_gguf_weights", "pack_blocks", "EMBEDDING_TYPES",
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # values per block of Q4_0 and Q8_0
+TQ_BLOCK = 256  # values per block of TQ2_0 (ternary), one scale each
 RANGES = {"Q4_0": (-8, 7), "Q8_0": (-128, 127)}
 EMBEDDING_TYPES = ("f16", "f32", "q8_0", "q4_0", "q4_1")  # of a float table: q* by gguf's round-to-nearest
 # Hugging Face LLaMA module names -> llama.cpp tensor names (blk.N. prefix for the decoder layers)
@@ -76,10 +82,24 @@ def _gguf() -> Any:
 # -- blocks ------------------------------------------------------------------------------------------
 
 
-def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
-    """Raw ``Q4_0`` / ``Q8_0`` blocks, ``(rows, cols / 32 · bytes per block)`` uint8, of integers ``(rows, cols)``
-    and float16 block scales ``(rows, cols / 32)``."""
+def _pack_tq2_0(ints: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``TQ2_0`` blocks of 256 ternary values: 64 bytes of 2-bit codes ``q + 1``, then the float16 scale.
+    Within each 128 values, byte ``m`` (0..31) holds values ``m, m + 32, m + 64, m + 96`` in bits 0-1, 2-3,
+    4-5, 6-7 (llama.cpp's ``block_tq2_0``)."""
     rows, cols = ints.shape
+    codes = (ints + 1).astype(np.uint8).reshape(rows, cols // TQ_BLOCK, 2, 4, 32)  # (.., half, n, m)
+    body = (codes << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8)  # (.., 2, 32)
+    body = body.reshape(rows, cols // TQ_BLOCK, TQ_BLOCK // 4)
+    d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // TQ_BLOCK, 2)
+    return np.concatenate([body, d], axis=-1).reshape(rows, -1)
+
+
+def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
+    """Raw ``Q4_0`` / ``Q8_0`` / ``TQ2_0`` blocks, ``(rows, bytes per row)`` uint8, of integers ``(rows, cols)``
+    and float16 scales per block of 32 ``(rows, cols / 32)`` (for ``TQ2_0``, equal within each 256)."""
+    rows, cols = ints.shape
+    if kind == "TQ2_0":
+        return _pack_tq2_0(ints, scales[:, :: TQ_BLOCK // BLOCK])
     d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
     q = ints.reshape(rows, cols // BLOCK, BLOCK)
     if kind == "Q4_0":
@@ -113,8 +133,12 @@ def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool) 
     return out
 
 
-def _quantized(name: str, layer: IntLinear | IntEmbedding, round_scales: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer or embedding table."""
+def _quantized(
+    name: str, layer: IntLinear | IntEmbedding, round_scales: bool, ternary: bool = False
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer or embedding table;
+    ``ternary``: ``TQ2_0`` where the integers lie in {-1, 0, 1}, rows are multiples of 256 and each 256
+    share a scale (llama.cpp's CPU kernels; else ``Q4_0``, exact too)."""
     qw = layer.qweight
     ints = qw.weight_int.detach().to(torch.int32).cpu().numpy()
     rows, cols = ints.shape
@@ -128,7 +152,12 @@ def _quantized(name: str, layer: IntLinear | IntEmbedding, round_scales: bool) -
     if kind is None:
         raise ConfigError(f"layer {name!r}: integers in [{lo}, {hi}] fit no GGUF block type (Q4_0: -8..7, Q8_0: "
                           "-128..127)")  # fmt: skip
-    return ints, _block_scales(name, qw, rows, cols, round_scales), kind
+    scales = _block_scales(name, qw, rows, cols, round_scales)
+    if ternary and lo >= -1 and hi <= 1 and cols % TQ_BLOCK == 0:  # 2.06 bits a weight against Q4_0's 4.5
+        per = scales.reshape(rows, cols // TQ_BLOCK, TQ_BLOCK // BLOCK)
+        if np.array_equal(per, np.repeat(per[..., :1], TQ_BLOCK // BLOCK, axis=-1)):
+            kind = "TQ2_0"
+    return ints, scales, kind
 
 
 def _permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
@@ -140,7 +169,7 @@ def _permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _tensors(
-    model: nn.Module, cfg: Any, embeddings: str, round_scales: bool, float_linears: str
+    model: nn.Module, cfg: Any, embeddings: str, round_scales: bool, float_linears: str, ternary: bool
 ) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, GGML type or None for plain float) of every tensor llama.cpp reads."""
     gguf = _gguf()
@@ -171,7 +200,7 @@ def _tensors(
             raise ConfigError(f"layer {hf!r} quantizes its inputs ({bits} bits): a GGUF file holds weights only,"
                               " and llama.cpp quantizes activations its own way (8 bits per "
                               "block of 32); train with quant.act: null for llama.cpp")  # fmt: skip
-        ints, scales, kind = _quantized(hf, layer, round_scales)
+        ints, scales, kind = _quantized(hf, layer, round_scales, ternary)
         if permute_heads:
             ints, scales = _permute_rows(ints, permute_heads), _permute_rows(scales, permute_heads)
         out.append((gname, pack_blocks(ints, scales, kind), getattr(q, kind)))
@@ -179,7 +208,7 @@ def _tensors(
     decoder = model.model
     emb = decoder.embed_tokens
     if isinstance(emb, IntEmbedding):  # trained on a block grid (quant.embedding): its own integers and scales
-        ints, scales, kind = _quantized("model.embed_tokens", emb, round_scales)
+        ints, scales, kind = _quantized("model.embed_tokens", emb, round_scales, ternary)
         out.append(("token_embd.weight", pack_blocks(ints, scales, kind), getattr(q, kind)))
     else:
         floating("token_embd.weight", emb.weight, embeddings)
@@ -240,9 +269,10 @@ def _copy_tokenizer(writer: Any, source: Path) -> None:
 
 def export_gguf(
     model: nn.Module, path: str | Path, *, name: str = "lowbit", tokenizer_gguf: str | Path | None = None,
-    embeddings: str = "f16", round_scales: bool = False, float_linears: str = "f16",
+    embeddings: str = "f16", round_scales: bool = False, float_linears: str = "f16", ternary: bool = True,
 ) -> Path:  # fmt: skip
-    """Write the integer LLaMA ``model`` to ``path`` as GGUF (module docstring); returns the path."""
+    """Write the integer LLaMA ``model`` to ``path`` as GGUF (module docstring); returns the path. ``ternary``:
+    write ternary layers as ``TQ2_0`` where exact (else, and with ``False``, as ``Q4_0``)."""
     gguf = _gguf()
     if embeddings not in EMBEDDING_TYPES:
         raise ConfigError(f"embeddings={embeddings!r} is not allowed: use one of {', '.join(EMBEDDING_TYPES)}")
@@ -253,7 +283,8 @@ def export_gguf(
     if getattr(cfg, "model_type", None) != "llama" or not hasattr(model, "model") or not hasattr(model, "lm_head"):
         arch = getattr(cfg, "model_type", type(model).__name__)
         raise ConfigError(f"GGUF export writes LLaMA-architecture causal LMs (llama.cpp's 'llama'); got {arch!r}")
-    tensors = _tensors(model, cfg, embeddings, round_scales, float_linears)  # every refusal before the file is touched
+    # every refusal before the file is touched
+    tensors = _tensors(model, cfg, embeddings, round_scales, float_linears, ternary)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -274,7 +305,8 @@ def export_gguf(
     writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     writer.add_vocab_size(int(cfg.vocab_size))
     kinds = {k for _, _, k in tensors if k is not None}
-    ftypes = {gguf.GGMLQuantizationType.Q4_0: "MOSTLY_Q4_0", gguf.GGMLQuantizationType.Q4_1: "MOSTLY_Q4_1",
+    ftypes = {gguf.GGMLQuantizationType.TQ2_0: "MOSTLY_TQ2_0", gguf.GGMLQuantizationType.Q4_0: "MOSTLY_Q4_0",
+              gguf.GGMLQuantizationType.Q4_1: "MOSTLY_Q4_1",
               gguf.GGMLQuantizationType.Q8_0: "MOSTLY_Q8_0"}  # fmt: skip
     ftype = next((v for k, v in ftypes.items() if k in kinds), "MOSTLY_F16" if float_linears == "f16" else "ALL_F32")
     writer.add_file_type(int(getattr(gguf.LlamaFileType, ftype)))

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gguf.md"
 RUN = RUNS_DIR / "bench-gguf" / "smollm2-lrqat-q4_0"
 RUN_EMB = RUNS_DIR / "bench-gguf" / "smollm2-lrqat-q4_0-emb"
+RUN_KD = RUNS_DIR / "bench-gguf" / "smollm2-lrqat-q4_0-distill"
 
 
 def windows(ids: torch.Tensor, n: int, seq: int) -> list[list[int]]:
@@ -91,10 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--embedding-rows", action="store_true",
                    help="add files whose token embedding is Q8_0 / Q4_0 (round-to-nearest, or trained: a second run)")
+    p.add_argument("--distill-row", action="store_true",
+                   help="add LR-QAT with distillation (recipes/smollm2-lrqat-q4_0-distill.yaml; trained if missing)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     recipe = load_recipe(ROOT / "recipes" / "smollm2-lrqat-q4_0.yaml")
-    for run in (RUN, RUN_EMB) if args.embedding_rows else (RUN,):
+    runs = (RUN, *((RUN_EMB,) if args.embedding_rows else ()), *((RUN_KD,) if args.distill_row else ()))
+    for run in runs:
         if not (run / "summary.json").is_file():
             subprocess.run([sys.executable, "-m", "lowbit", "train", run.name, "--runs", str(run.parent),
                             "--no-progress", *(["--resume"] if run.exists() else [])], check=True)  # fmt: skip
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                tokenizer_gguf=tok, float_linears="q4_1"),
         "lowbit LR-QAT on Q4_0, block-exact": export_gguf(int_model, folder / "lowbit-q4_0.gguf", tokenizer_gguf=tok),
     }  # fmt: skip
+    if args.distill_row:  # the same LR-QAT with distillation from the float model (the KJV gap)
+        files["lowbit LR-QAT on Q4_0 + distillation (smollm2-lrqat-q4_0-distill)"] = export_gguf(
+            lowbit.load(RUN_KD / "model.safetensors").eval(), folder / "lowbit-q4_0-kd.gguf", tokenizer_gguf=tok)
     if args.embedding_rows:  # the token embedding (tied head) too: round-to-nearest, or its scales learned
         files.update({
             "RTN Q4_0, token_embd RTN Q4_0": export_gguf(float_model, folder / "rtn-q4_0-emb.gguf", tokenizer_gguf=tok,
@@ -138,13 +145,17 @@ def main(argv: list[str] | None = None) -> None:
     own = {c: torch_ppl(int_model, w) for c, w in corpora.items()}
     rows.append(["lowbit's integer model (torch, not a file)", "–", *(f"{own[c]:.2f}" for c in corpora), "–"])
     lines = []
+    ours = [k for k in files if k.startswith("lowbit LR-QAT on Q4_0")]  # F16 embeddings: the linears alone differ
     for corpus in corpora:
-        f, r, q = (ppl[k, corpus] for k in ("float (F16)", "round-to-nearest Q4_0 (gguf reference)",
-                                             "lowbit LR-QAT on Q4_0, block-exact"))  # fmt: skip
-        closed = (r - q) / (r - f) if r != f else float("nan")
-        lines.append(f"- {corpus}: lowbit's Q4_0 closes {100 * closed:.0f} % of round-to-nearest Q4_0's perplexity "
-                     f"gap to float ({r:.2f} -> {q:.2f}, float {f:.2f}); llama.cpp against lowbit's own integer "
-                     f"model: {100 * (q / own[corpus] - 1):+.2f} %")  # fmt: skip
+        f, r = ppl["float (F16)", corpus], ppl["round-to-nearest Q4_0 (gguf reference)", corpus]
+        for label in ours:
+            q = ppl[label, corpus]
+            closed = (r - q) / (r - f) if r != f else float("nan")
+            lines.append(f"- {corpus}: {label} closes {100 * closed:.0f} % of round-to-nearest Q4_0's perplexity "
+                         f"gap to float ({r:.2f} -> {q:.2f}, float {f:.2f})")  # fmt: skip
+        q = ppl["lowbit LR-QAT on Q4_0, block-exact", corpus]
+        lines.append(f"- {corpus}: llama.cpp against lowbit's own integer model (LR-QAT Q4_0): "
+                     f"{100 * (q / own[corpus] - 1):+.2f} %")  # fmt: skip
     head = ["# SmolLM2-135M in llama.cpp: float, round-to-nearest Q4_0 / Q4_1, lowbit Q4_0 (LR-QAT)", "",
             f"{datetime.date.today()} · {cpu_model()} · {machine_line()} · llama-cpp-python "
             f"{__import__('llama_cpp').__version__}, {args.threads} threads", "",

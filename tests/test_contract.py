@@ -27,7 +27,7 @@ from lowbit.errors import ConfigError
 from lowbit.methods import METHODS, attach_methods, build_methods, call_hooks
 from lowbit.quant import functional as F
 from lowbit.quant.modules import quantized_layers
-from lowbit.tasks.text import causal_lm_loss
+from lowbit.tasks.text import causal_lm_loss_and_outputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,7 +106,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "build": _llama,
         "batches": _llama_batches,
         "inputs": lambda b: b,
-        "loss": lambda model, b: (causal_lm_loss(model, b), None),
+        "loss": lambda model, b: causal_lm_loss_and_outputs(model, b),
         "logits": lambda model, x: model(x).logits,
         "config": lambda lowrank: QuantConfig(
             weight=QuantSpec(bits=4, granularity="group", group_size=16, init="minmax"), act=None,
@@ -168,9 +168,6 @@ def test_contract(model_name: str, kind: str, method: str, tmp_path: Path) -> No
         pytest.skip(f"{method} on {kind}: {why}")
     if method == "binary" and kind != "binary":
         pytest.skip("binary optimizes binary weights; this kind has none")
-    if method == "distill" and model_name == "llama":
-        pytest.skip("distill needs whole logits; the causal-LM loss is chunked and builds none (LLM distillation "
-                    "comes with the 2-bit LLM work)")  # fmt: skip
     attach_methods(methods, model, [method])
     call_hooks(methods, "use_float_model", lambda: spec["build"]().eval())
     batches = spec["batches"]()

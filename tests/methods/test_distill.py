@@ -63,3 +63,32 @@ def test_a_run_distils_from_its_own_float_model(tmp_path: Path) -> None:
     qat = [r for r in rows if r["stage"] == "qat"]
     assert qat and all(r["distill_loss"] > 0 for r in qat)
     assert with_kd["quant_metric"] != plain["quant_metric"] or with_kd["qat_metric"] != plain["qat_metric"]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_a_causal_lms_chunked_kl_equals_the_whole_logits_kl_and_its_gradients(chunk: int) -> None:
+    """Against the naive reference: both models' whole logits at the scored positions, ``distill_loss``."""
+    transformers = pytest.importorskip("transformers")
+    from lowbit.tasks.text import causal_lm_loss_and_outputs
+
+    def llama(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        return transformers.LlamaForCausalLM(cfg)
+
+    student, teacher = llama(0), llama(1).eval()
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    m = Distill(1, weight=1.5, temperature=2.0)
+    m.use_float_model(lambda: teacher)
+    _, outputs = causal_lm_loss_and_outputs(student, ids, chunk_tokens=chunk)
+    got = m.loss(student, ids, outputs)
+    (g_got,) = torch.autograd.grad(got, student.model.layers[0].mlp.up_proj.weight)
+    s_logits = student(ids).logits[:, :-1].reshape(-1, 50)
+    with torch.no_grad():
+        t_logits = teacher(ids).logits[:, :-1].reshape(-1, 50)
+    want = 1.5 * distill_loss(s_logits, t_logits, 2.0)
+    (g_want,) = torch.autograd.grad(want, student.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-8)
+    assert m.metrics(student)["distill_loss"] == pytest.approx(float(want.detach()), rel=1e-5)

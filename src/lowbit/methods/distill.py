@@ -13,6 +13,10 @@ The teacher is the run's float model, loaded again from the run's cache through 
 ``use_float_model`` hook (``lowbit.methods``), frozen (no gradients, eval mode) and not part of the
 method's state: checkpoints stay the student's, and a resumed run loads the same teacher again. The
 teacher sees the same inputs as the student: ``batch[0]`` of an ``(inputs, targets)`` batch.
+
+A causal LM's loss never holds its whole logits (``lowbit.tasks.text``: 49k-token vocabularies); it hands
+the method the final hidden states of the scored positions and the head instead, and the KL is summed a
+chunk of positions at a time (``chunked_distill_loss``), equal to the whole-logits KL (tested).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 
 from lowbit.errors import ConfigError
 
-__all__ = ["Distill", "DistillSettings", "distill_loss"]
+__all__ = ["Distill", "DistillSettings", "chunked_distill_loss", "distill_loss"]
 
 
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -36,6 +40,35 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
     log_p_teacher = torch.log_softmax(teacher.float() / t, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (N,)
     return kl.mean() * t * t
+
+
+def _is_head_inputs(x: Any) -> bool:
+    return all(hasattr(x, a) for a in ("ids", "hidden", "head", "chunk_tokens"))
+
+
+def _chunk_kl_sum(head: nn.Module, hidden: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    return distill_loss(head(hidden), teacher_logits, temperature) * hidden.shape[0]
+
+
+def chunked_distill_loss(outputs: Any, teacher: nn.Module, temperature: float) -> Tensor:
+    """``distill_loss`` over a causal LM's scored positions without holding either model's whole logits:
+    the teacher's final hidden states once (no gradient), then per chunk of positions both heads, the
+    student's recomputed in the backward pass (``lowbit.tasks.text.HeadInputs``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden, chunk = outputs.hidden, outputs.chunk_tokens
+    with torch.no_grad():
+        t_hidden = teacher.model(outputs.ids).last_hidden_state[:, :-1].reshape(-1, hidden.shape[-1])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        with torch.no_grad():
+            t_logits = teacher.lm_head(t_hidden[start : start + chunk])
+        part = (outputs.head, hidden[start : start + chunk], t_logits, temperature)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_kl_sum, *part, use_reentrant=False)
+        else:
+            total = total + _chunk_kl_sum(*part)
+    return total / hidden.shape[0]
 
 
 @dataclass(frozen=True)
@@ -74,14 +107,17 @@ class Distill:
     def loss(self, model: nn.Module, batch: Any, outputs: Any) -> Tensor | None:
         if self.teacher is None:
             raise ConfigError("distill: no teacher: the loop gives it through use_float_model(load) before training")
+        if _is_head_inputs(outputs):  # a causal LM's chunked loss: the logits are made a chunk at a time
+            out = self.settings.weight * chunked_distill_loss(outputs, self.teacher, self.settings.temperature)
+            self.last = float(out.detach())
+            return out
         if not isinstance(outputs, Tensor):
-            raise ConfigError(
-                "distill needs the model's outputs (logits), and this task does not build them whole "
-                "(the causal-LM task computes its loss in chunks): use distill with classification recipes"
-            )
+            raise ConfigError("distill needs the model's outputs (logits, or a causal LM's final hidden states and "
+                              f"head); this task gave {type(outputs).__name__}")  # fmt: skip
         inputs = batch[0] if isinstance(batch, tuple | list) else batch
         with torch.no_grad():
             target = self.teacher(inputs)
+            target = target.logits if hasattr(target, "logits") else target
         if target.shape != outputs.shape:
             raise ConfigError(f"distill: the teacher's outputs {tuple(target.shape)} and the model's "
                               f"{tuple(outputs.shape)} differ: it needs the run's own float model")  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from lowbit import distributed
 from lowbit.config import Recipe
 from lowbit.errors import ConfigError
 
-__all__ = ["TextTask", "causal_lm_loss", "logits_of", "load_text"]
+__all__ = ["TextTask", "HeadInputs", "causal_lm_loss", "causal_lm_loss_and_outputs", "logits_of", "load_text"]
 
 
 def load_text(spec: str, field: str) -> str:
@@ -56,6 +57,18 @@ def _head_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor)
     return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+@dataclass(frozen=True)
+class HeadInputs:
+    """What the chunked causal-LM loss leaves for methods that need the logits (distillation) without
+    ever holding them whole: ``ids`` (B, T), the final hidden states of the positions it scored (the first
+    T - 1 of each row, flattened to (B·(T-1), D)) and the head that turns them into logits."""
+
+    ids: torch.Tensor
+    hidden: torch.Tensor
+    head: nn.Module
+    chunk_tokens: int
+
+
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
     """Mean next-token cross-entropy of ``ids`` (B, T), without holding the whole (B·T × vocab) logits.
 
@@ -66,12 +79,21 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_tokens: int = 256)
     model. Other models fall back to the plain loss on the full logits; the two agree to float
     rounding (tested).
     """
+    return causal_lm_loss_and_outputs(model, ids, chunk_tokens)[0]
+
+
+def causal_lm_loss_and_outputs(
+    model: nn.Module, ids: torch.Tensor, chunk_tokens: int = 256
+) -> tuple[torch.Tensor, torch.Tensor | HeadInputs]:
+    """``causal_lm_loss`` and what it computed: the whole logits (models without a separate head, or
+    sharded by FSDP), or ``HeadInputs`` (the chunked path)."""
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     targets = ids[:, 1:].reshape(-1)
     # a model sharded by FSDP gathers its embeddings and head only when called as a whole
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module) or distributed.is_sharded(model):
         logits = logits_of(model, ids)
-        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets)
+        return loss, logits
     hidden = decoder(ids).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -81,7 +103,7 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_tokens: int = 256)
             total = total + checkpoint(_head_loss_sum, *part, use_reentrant=False)
         else:
             total = total + _head_loss_sum(*part)
-    return total / targets.numel()
+    return total / targets.numel(), HeadInputs(ids, hidden, head, chunk_tokens)
 
 
 class TextTask:
@@ -148,7 +170,7 @@ class TextTask:
             step += 1
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        return causal_lm_loss(model, batch), None
+        return causal_lm_loss_and_outputs(model, batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from lowbit.data.text import sliding_window_perplexity

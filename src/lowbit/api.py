@@ -154,6 +154,9 @@ def _layer_kind(name: str, mod: nn.Module, weight: QuantSpec | None, lowrank: Lo
         )
     if lowrank is not None and weight is None:
         raise ConfigError(f"layer {name!r}: lowrank needs a quantized weight, but its weight spec is null")
+    if lowrank is not None and weight is not None and weight.offset != "integer":
+        raise ConfigError(f"layer {name!r}: lowrank (LR-QAT) merges on grids with an integer zero point; "
+                          f"weight.offset={weight.offset!r} (format q4_1) is not supported there yet")  # fmt: skip
     return kind
 
 

@@ -10,7 +10,13 @@ exactly; it also halves the scales of fine-grained grids (a depthwise convolutio
 to another value than the format's is an error naming both):
 
 - ``q4_0``: signed 4-bit integers −8..7, groups of 32 along the input, one float16 scale per group;
-- ``q8_0``: the same at 8 bits (−128..127; llama.cpp's own quantizer uses −127..127).
+- ``q8_0``: the same at 8 bits (−128..127; llama.cpp's own quantizer uses −127..127);
+- ``q4_1``: unsigned 4-bit integers 0..15 with a zero point, groups of 32, float16 scales, and
+  ``offset: float16``: a value is ``s·q + m`` with ``m = float16(−s·z)``, the float16 minimum Q4_1 stores
+  per block (rounded in training too, with a straight-through gradient), so the file is the trained grid.
+
+``offset``: how an asymmetric grid's zero point enters: ``integer`` (``s·(q − z)``, what ONNX and lowbit's
+other exports hold) or ``float16`` (``s·q + m`` as above; GGUF's Q4_1 only).
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ GGUF_FORMATS: dict[str, dict[str, Any]] = {
              "scale_dtype": "float16", "axis": 0, "binary": None},
     "q8_0": {"bits": 8, "symmetric": True, "signed": True, "granularity": "group", "group_size": 32,
              "scale_dtype": "float16", "axis": 0, "binary": None},
+    "q4_1": {"bits": 4, "symmetric": False, "signed": False, "granularity": "group", "group_size": 32,
+             "scale_dtype": "float16", "axis": 0, "binary": None, "offset": "float16"},
 }  # fmt: skip
+OFFSETS = ("integer", "float16")
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,8 @@ class QuantSpec:
     grad_scale: bool = False  # LSQ gradient scaling 1/sqrt(N * qmax); off as in the official code
     binary: BinarySpec | None = None  # the binary grid {−s, +s} instead of the integer grid (bits: 1)
     scale_dtype: str = "float32"  # the scales as used and exported (see the module docstring)
-    format: str | None = None  # a GGUF block type's grid (q4_0, q8_0): fills the fields it fixes
+    format: str | None = None  # a GGUF block type's grid (q4_0, q8_0, q4_1): fills the fields it fixes
+    offset: str = "integer"  # asymmetric grids: s·(q − z), or "float16": s·q + m, m = float16(−s·z) (Q4_1)
 
     def __post_init__(self) -> None:
         if self.format is not None:
@@ -86,6 +96,9 @@ class QuantSpec:
                 _check(mine in (value, defaults[key]), key, mine, allowed)
                 object.__setattr__(self, key, value)
         _check(self.scale_dtype in SCALE_DTYPES, "scale_dtype", self.scale_dtype, f"one of {SCALE_DTYPES}")
+        _check(self.offset in OFFSETS, "offset", self.offset, f"one of {OFFSETS}")
+        _check(self.offset == "integer" or not self.symmetric, "offset", self.offset,
+               "'integer' for a symmetric grid (a float16 offset needs symmetric: false)")  # fmt: skip
         check_int("bits", self.bits, 1, 8)
         if self.binary is not None:
             why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"

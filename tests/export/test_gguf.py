@@ -212,6 +212,39 @@ def test_an_embedding_trained_on_a_block_grid_is_written_exactly(tmp_path: Path,
     assert ("output.weight" in got) == (not tied)  # tied: llama.cpp multiplies by token_embd, the trained table
 
 
+def test_q4_1_blocks_equal_a_naive_packer_and_dequantize_exactly() -> None:
+    ints = RNG.integers(0, 16, (3, 64))
+    d = RNG.uniform(0.01, 2, (3, 2)).astype(np.float16)
+    m = RNG.uniform(-3, 0, (3, 2)).astype(np.float16)
+    raw = pack_blocks(ints, d.astype(np.float32), "Q4_1", m.astype(np.float32))
+    assert raw.shape == (3, 2 * 20)
+    for r in range(3):
+        for b in range(2):
+            x = ints[r, 32 * b : 32 * (b + 1)]
+            want = np.array([d[r, b], m[r, b]], dtype=np.float16).tobytes() + bytes(
+                int(x[j]) | (int(x[j + 16]) << 4) for j in range(16))  # fmt: skip
+            assert raw[r, 20 * b : 20 * (b + 1)].tobytes() == want
+    back = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)
+    want = ints * np.repeat(d.astype(np.float32), 32, 1) + np.repeat(m.astype(np.float32), 32, 1)
+    np.testing.assert_array_equal(back, want)
+
+
+def test_a_model_trained_on_the_q4_1_grid_is_written_exactly(tmp_path: Path) -> None:
+    model = _llama(QuantSpec(format="q4_1", init="minmax"), embedding=QuantSpec(format="q4_1", init="minmax"))
+    path = export_gguf(model, tmp_path / "m.gguf")
+    got = read_gguf_weights(path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    up, emb = model.model.layers[1].mlp.up_proj, model.model.embed_tokens
+    assert types["blk.1.ffn_up.weight"] == types["token_embd.weight"] == "Q4_1"
+    np.testing.assert_array_equal(got["blk.1.ffn_up.weight"], up.weight.numpy())  # the integer model's weights
+    np.testing.assert_array_equal(got["token_embd.weight"], emb.weight.numpy())
+    q = _unpermute(got["blk.0.attn_q.weight"], 4)
+    np.testing.assert_array_equal(q, model.model.layers[0].self_attn.q_proj.weight.numpy())
+    asym = _llama(QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32, scale_dtype="float16"))
+    with pytest.raises(ConfigError, match=r"integer zero point.*format: q4_1"):
+        export_gguf(asym, tmp_path / "a.gguf")
+
+
 @pytest.mark.parametrize("embedding", [None, "q4_0"])
 def test_llama_cpp_runs_the_file_like_the_integer_model(tmp_path: Path, embedding: str | None) -> None:
     """The real runtime (llama-cpp-python, the optional `runtime` extra; this test alone skips without it):
@@ -279,6 +312,11 @@ def _ternary_llama() -> torch.nn.Module:
     model = lowbit.prepare(model, QuantConfig(weight=spec, act=None, rules=(Rule(match="lm_head", skip=True),)))
     attach_methods(build_methods([{"name": "resiliency", "levels": 3}], total_steps=1), model, ["resiliency"])
     return lowbit.convert(model.eval())
+
+
+def test_llama_cpp_runs_a_q4_1_file_like_the_integer_model(tmp_path: Path) -> None:
+    model = _llama(QuantSpec(format="q4_1", init="minmax"), embedding=QuantSpec(format="q4_1", init="minmax"))
+    _agrees_in_llama_cpp(model, export_gguf(model, tmp_path / "m.gguf"))
 
 
 def test_ternary_layers_are_written_as_tq2_0_exactly_and_run_in_llama_cpp(tmp_path: Path) -> None:

@@ -247,7 +247,9 @@ def _check_layer(where: str, spec: Any, layers: dict[str, Any]) -> None:
         _bool(f"{where}.bias", spec["bias"])
         return
     bits = spec.get("bits") if isinstance(spec, dict) else None
-    _keys(where, spec, _FLOAT_LAYER if bits == 32 else _INT_LAYER, frozenset({"adapter", "grid"}))
+    _keys(where, spec, _FLOAT_LAYER if bits == 32 else _INT_LAYER, frozenset({"adapter", "grid", "offset"}))
+    if "offset" in spec and spec["offset"] != "float16":
+        raise _fail(f"{where}.offset", spec["offset"], "'float16' (absent: the integer zero point, s·(q − z))")
     kind, shape = spec["kind"], spec["shape"]
     if kind not in _KINDS:
         raise _fail(f"{where}.kind", kind, f"one of {_KINDS}")

@@ -8,6 +8,10 @@ raw blocks of one GGML type, built from the layer's own integers and scales:
   per block of 32 inputs one float16 scale ``d`` and 16 bytes holding ``q + 8`` two to a byte (the
   block's first 16 values in the low nibbles, the next 16 in the high ones); value ``(nibble − 8)·d``;
 - ``Q8_0`` where they lie in −128..127: ``d`` and 32 int8 values;
+- ``Q4_1`` for grids trained with ``format: q4_1`` (integers 0..15, ``offset: float16``): per block ``d``,
+  the float16 minimum ``m = float16(−d·z)`` and the 16 bytes of ``q`` as Q4_0 lays them out; llama.cpp's
+  ``d·q + m`` is lowbit's value. An asymmetric grid with an integer zero point (``s·(q − z)``) is refused:
+  its ``−s·z`` is not a float16 number in general;
 - ``TQ2_0`` for ternary layers (integers in {−1, 0, 1}, as ``resiliency`` trains at 2 bits) whose rows are
   multiples of 256 with one scale per 256 (per tensor, per channel, or groups of 256k): per block of 256,
   64 bytes of 2-bit codes ``q + 1`` and one float16 scale, 2.06 bits a weight. Other ternary layers are
@@ -20,8 +24,7 @@ be a float16 number already (train with ``format: q4_0`` or ``scale_dtype: float
 scales in training, so the file's are the trained ones exactly); otherwise the export refuses, naming the
 layer, unless ``round_scales`` accepts rounding them (then the file is not exactly the trained model).
 Quantized inputs (activation quantization) are refused: the file holds weights, and llama.cpp quantizes
-activations itself. Asymmetric grids (an integer zero point) are refused: ``Q4_1``'s offset is a float16 number, not an
-integer zero point, so it needs its own training grid (not built yet).
+activations itself.
 
 The token embedding, when trained on a grid (``quant.embedding``, e.g. ``format: q8_0`` or ``q4_0``), is
 written the same way from its own integers, rows of ``dim`` values; a head tied to it is llama.cpp's
@@ -94,12 +97,19 @@ def _pack_tq2_0(ints: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return np.concatenate([body, d], axis=-1).reshape(rows, -1)
 
 
-def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
-    """Raw ``Q4_0`` / ``Q8_0`` / ``TQ2_0`` blocks, ``(rows, bytes per row)`` uint8, of integers ``(rows, cols)``
-    and float16 scales per block of 32 ``(rows, cols / 32)`` (for ``TQ2_0``, equal within each 256)."""
+def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Raw ``Q4_0`` / ``Q8_0`` / ``TQ2_0`` / ``Q4_1`` blocks, ``(rows, bytes per row)`` uint8, of integers
+    ``(rows, cols)`` and float16 scales per block of 32 ``(rows, cols / 32)`` (for ``TQ2_0``, equal within
+    each 256); ``Q4_1`` also takes the float16 minimum of every block (``offsets``, the same shape)."""
     rows, cols = ints.shape
     if kind == "TQ2_0":
         return _pack_tq2_0(ints, scales[:, :: TQ_BLOCK // BLOCK])
+    if kind == "Q4_1":  # d, then the float16 minimum m (``offsets``), then the 4-bit codes q (0..15)
+        m = np.ascontiguousarray(offsets.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
+        n = ints.reshape(rows, cols // BLOCK, BLOCK).astype(np.uint8)
+        body = n[..., : BLOCK // 2] | (n[..., BLOCK // 2 :] << 4)
+        d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
+        return np.concatenate([d, m, body], axis=-1).reshape(rows, -1)
     d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
     q = ints.reshape(rows, cols // BLOCK, BLOCK)
     if kind == "Q4_0":
@@ -110,9 +120,10 @@ def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str) -> np.ndarray:
     return np.concatenate([d, body], axis=-1).reshape(rows, -1)
 
 
-def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool) -> np.ndarray:
-    """The layer's scale of every block of 32 inputs, ``(rows, cols / 32)`` float32."""
-    s = qw.weight_scale.detach().float().cpu()
+def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool, values: Any = None) -> np.ndarray:
+    """The layer's scale (or ``values`` of the scale's shape: Q4_1's minima) of every block of 32 inputs,
+    ``(rows, cols / 32)`` float32."""
+    s = (qw.weight_scale if values is None else values).detach().float().cpu()
     if qw.granularity == "tensor":
         per_block = s.reshape(1, 1).expand(rows, cols // BLOCK)
     elif qw.granularity == "channel":
@@ -135,19 +146,27 @@ def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool) 
 
 def _quantized(
     name: str, layer: IntLinear | IntEmbedding, round_scales: bool, ternary: bool = False
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(integers (rows, cols), block scales, GGML type name) of an integer linear layer or embedding table;
+) -> tuple[np.ndarray, np.ndarray, str, np.ndarray | None]:
+    """(integers (rows, cols), block scales, GGML type name, Q4_1's block minima or None) of an integer
+    linear layer or embedding table;
     ``ternary``: ``TQ2_0`` where the integers lie in {-1, 0, 1}, rows are multiples of 256 and each 256
     share a scale (llama.cpp's CPU kernels; else ``Q4_0``, exact too)."""
     qw = layer.qweight
     ints = qw.weight_int.detach().to(torch.int32).cpu().numpy()
     rows, cols = ints.shape
-    if qw.weight_zero_point is not None:
-        raise ConfigError(f"layer {name!r}: an asymmetric grid (integer zero point) has no exact GGUF type yet "
-                          "(Q4_1's offset is a float16 number): train it symmetric, e.g. format: q4_0")  # fmt: skip
+    if qw.weight_zero_point is not None and not qw.offset16:
+        raise ConfigError(f"layer {name!r}: an asymmetric grid with an integer zero point, s·(q − z), has no exact "
+                          "GGUF type (Q4_1 stores s·q + m with a float16 m): train with format: q4_1, or "
+                          "symmetric, e.g. format: q4_0")  # fmt: skip
     if cols % BLOCK:
         raise ConfigError(f"layer {name!r}: {cols} inputs are not a multiple of GGUF's block of {BLOCK}")
     lo, hi = int(ints.min()), int(ints.max())
+    if qw.offset16:
+        if lo < 0 or hi > 15:
+            raise ConfigError(f"layer {name!r}: integers in [{lo}, {hi}]; Q4_1 holds 0..15 (format: q4_1)")
+        minima = (-(qw.weight_scale.detach().float() * qw.weight_zero_point.detach().float())).half().float()
+        offsets = _block_scales(name, qw, rows, cols, True, minima)  # float16(−s·z), as offset_float16 rounds
+        return ints, _block_scales(name, qw, rows, cols, round_scales), "Q4_1", offsets
     kind = next((k for k, (a, b) in RANGES.items() if a <= lo and hi <= b), None)
     if kind is None:
         raise ConfigError(f"layer {name!r}: integers in [{lo}, {hi}] fit no GGUF block type (Q4_0: -8..7, Q8_0: "
@@ -157,7 +176,7 @@ def _quantized(
         per = scales.reshape(rows, cols // TQ_BLOCK, TQ_BLOCK // BLOCK)
         if np.array_equal(per, np.repeat(per[..., :1], TQ_BLOCK // BLOCK, axis=-1)):
             kind = "TQ2_0"
-    return ints, scales, kind
+    return ints, scales, kind, None
 
 
 def _permute_rows(a: np.ndarray, heads: int) -> np.ndarray:
@@ -200,16 +219,17 @@ def _tensors(
             raise ConfigError(f"layer {hf!r} quantizes its inputs ({bits} bits): a GGUF file holds weights only,"
                               " and llama.cpp quantizes activations its own way (8 bits per "
                               "block of 32); train with quant.act: null for llama.cpp")  # fmt: skip
-        ints, scales, kind = _quantized(hf, layer, round_scales, ternary)
+        ints, scales, kind, offsets = _quantized(hf, layer, round_scales, ternary)
         if permute_heads:
             ints, scales = _permute_rows(ints, permute_heads), _permute_rows(scales, permute_heads)
-        out.append((gname, pack_blocks(ints, scales, kind), getattr(q, kind)))
+            offsets = None if offsets is None else _permute_rows(offsets, permute_heads)
+        out.append((gname, pack_blocks(ints, scales, kind, offsets), getattr(q, kind)))
 
     decoder = model.model
     emb = decoder.embed_tokens
     if isinstance(emb, IntEmbedding):  # trained on a block grid (quant.embedding): its own integers and scales
-        ints, scales, kind = _quantized("model.embed_tokens", emb, round_scales, ternary)
-        out.append(("token_embd.weight", pack_blocks(ints, scales, kind), getattr(q, kind)))
+        ints, scales, kind, offsets = _quantized("model.embed_tokens", emb, round_scales, ternary)
+        out.append(("token_embd.weight", pack_blocks(ints, scales, kind, offsets), getattr(q, kind)))
     else:
         floating("token_embd.weight", emb.weight, embeddings)
     for i, block in enumerate(decoder.layers):

@@ -41,10 +41,12 @@ class IntWeight(nn.Module):
         input_quantizer: Quantizer | None,
         weight_float: Tensor | None = None,
         binary: bool = False,
+        offset16: bool = False,
     ) -> None:
         super().__init__()
         self.input_quantizer = input_quantizer
         self.weight_bits, self.signed, self.binary = bits, signed, binary  # binary: integers in {-1, +1}
+        self.offset16 = offset16 and weight_zero_point is not None  # s·q + float16(−s·z) (QuantSpec.offset)
         self.granularity, self.axis, self.group_size = granularity, axis, group_size
         if weight_int is None:  # weight not quantized: keep float
             assert weight_float is not None
@@ -68,14 +70,14 @@ class IntWeight(nn.Module):
         return cls(
             qint.to(int_dtype(qmin, qmax)), scale, zero_point, int(wq.bits), bool(wq.signed),
             wq.granularity, wq.axis, wq.group_size, iq, binary=wq.spec.binary is not None,
+            offset16=wq.spec.offset == "float16",
         )
 
     def dequantized(self) -> Tensor:
         if hasattr(self, "weight_float"):
             return self.weight_float
-        return dequantize_weight(
-            self.weight_int, self.weight_scale, self.weight_zero_point, self.granularity, self.axis, self.group_size
-        )
+        return dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.granularity,
+                                 self.axis, self.group_size, self.offset16)  # fmt: skip
 
 
 def frozen_copy(q: Quantizer | None) -> Quantizer | None:

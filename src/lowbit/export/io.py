@@ -19,6 +19,7 @@ and in the safetensors metadata, under ``"lowbit"``, one JSON object::
      "layers": {L: {"kind": "linear" | "conv2d" | "embedding", "shape": [...], "bits": 4, "signed": true,
                     "granularity": "channel", "axis": 0, "group_size": null,
                     "grid": "binary" (weights in {−s, +s}, bits 1; absent: the integer grid), optional,
+                    "offset": "float16" (s·q + float16(−s·z), GGUF Q4_1's arithmetic; absent: s·(q − z)), optional,
                     "input": {"bits", "signed", "symmetric", "granularity", "axis", "grid" (optional)} | null,
                     "adapter": {"rank", "alpha"} (QLoRA-style float adapters: L.lora_a, L.lora_b), optional}
                 | {"kind": "tied_head", "embedding": E, "bias": bool} (a head multiplying by embedding layer E's
@@ -131,6 +132,8 @@ def save(model: nn.Module, path: str | Path, architecture: dict[str, Any] | None
                 shape=list(qw.weight_int.shape), bits=qw.weight_bits, signed=qw.signed,
                 granularity=qw.granularity, axis=qw.axis, group_size=qw.group_size,
             )
+            if qw.offset16:
+                entry["offset"] = "float16"
             if qw.binary:
                 entry["grid"] = "binary"
                 tensors[f"{name}.weight_packed"] = pack_sign(qw.weight_int)

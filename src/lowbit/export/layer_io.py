@@ -119,8 +119,10 @@ def int_layer(name: str, spec: dict[str, Any], float_mod: nn.Module, tensors: di
         scale = scale.float()
         zp = take(tensors, zkey, torch.float32, tuple(scale.shape)) if zkey in tensors else None
         check_qparams(f"{name}.weight", scale, zp, qmin, qmax)
+        if "offset" in spec and zp is None:
+            raise FormatError(f"layer {name!r}: offset {spec['offset']!r} needs a zero point, and the file has none")
         qweight = IntWeight(q, scale, zp, bits, signed, spec["granularity"], spec["axis"], spec["group_size"], iq,
-                            binary=binary)
+                            binary=binary, offset16="offset" in spec)
     if kind == "embedding":
         if tensors.get(f"{name}.bias") is not None:
             raise FormatError(f"tensor {name + '.bias'!r} is in the file but an embedding has no bias")

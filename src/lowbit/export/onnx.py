@@ -123,6 +123,9 @@ def _weight(w: _Writer, name: str, mod: IntLinear | IntConv2d) -> str:
     qw: Any = mod.qweight
     if not hasattr(qw, "weight_int"):
         return w.const(f"{name}.weight", qw.weight_float)
+    if qw.offset16:
+        raise ConfigError(f"layer {name!r}: its grid has a float16 offset (s·q + m, quant offset: float16, format "
+                          "q4_1), and ONNX's zero points are integers: export it as GGUF, or train offset: integer")
     q = qw.weight_int.to(torch.int32).numpy()
     shape = q.shape
     attrs: dict[str, int] = {}

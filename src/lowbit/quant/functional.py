@@ -294,9 +294,16 @@ def dequantize(q: Tensor, scale: Tensor | float, zero_point: Tensor | float | in
     return qf * scale_t
 
 
+def offset_float16(scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``m = −s·z`` rounded to float16 (straight through): the minimum a GGUF ``Q4_1`` block stores."""
+    m = -(scale * zero_point)
+    return m + (m.detach().to(torch.float16).to(m.dtype) - m.detach())
+
+
 def dequantize_weight(
-    q: Tensor, scale: Tensor, zero_point: Tensor | None, granularity: str, axis: int, group_size: int | None
-) -> Tensor:
+    q: Tensor, scale: Tensor, zero_point: Tensor | None, granularity: str, axis: int, group_size: int | None,
+    offset16: bool = False,
+) -> Tensor:  # fmt: skip
     """``s * (q - z)`` with ``scale`` in a quantizer's stored shape, broadcast as the quantizer broadcasts it.
 
     The one dequantization of weights: integer modules, the LR-QAT layer and its merge all call it, so
@@ -317,6 +324,8 @@ def dequantize_weight(
             z = zero_point.reshape(shape) if zero_point is not None else None
         else:
             s, z = scale, zero_point
+    if offset16 and z is not None:  # s·q + float16(−s·z): GGUF Q4_1's arithmetic (``offset: float16``)
+        return (view * s + offset_float16(s, z)).reshape(q.shape)
     out = (view - z) * s if z is not None else view * s
     return out.reshape(q.shape)
 

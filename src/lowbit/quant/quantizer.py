@@ -199,11 +199,16 @@ class Quantizer(nn.Module):
         s, z = self.qparams(x, qmax)
         xv = self.view(x)
         t = self.int_transform
-        if t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough()):
+        offset16 = z is not None and self.spec.offset == "float16"
+        if not offset16 and (t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())):
             return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
-        x_int = self.int_transform(F.quantize_ste(xv, s, z, qmin, qmax), self)
+        x_int = F.quantize_ste(xv, s, z, qmin, qmax)
+        if t is not None:
+            x_int = t(x_int, self)
         zi = F.zero_point_int(z, qmin, qmax)
         sp = F.positive_scale(s, F.SCALE_EPS)
+        if offset16:  # s·q + float16(−s·z), as integer modules and GGUF's Q4_1 compute it
+            return (x_int * sp + F.offset_float16(sp, zi)).reshape(x.shape)
         y = (x_int - zi) * sp if zi is not None else x_int * sp
         return y.reshape(x.shape)
 

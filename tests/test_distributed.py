@@ -155,7 +155,10 @@ def test_fsdp_refuses_what_it_cannot_shard(tmp_path: Path) -> None:
     llm = load_recipe(ROOT / "recipes" / "llm-tiny.yaml", ["methods=[{name: qbitopt, average_bits: 3}]"])
     with pytest.raises(ConfigError, match=r"--fsdp: methods \['qbitopt'\] read their layers' weights"):
         run(llm, tmp_path / "b", fsdp=True)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    emb = load_recipe(ROOT / "recipes" / "llm-tiny.yaml", ["quant.embedding={bits: 4, granularity: channel}"])
+    with pytest.raises(ConfigError, match="--fsdp with quant.embedding"):
+        run(emb, tmp_path / "c", fsdp=True)
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 def test_drifted_state_and_a_failure_on_rank_zero_stop_every_rank(trained: tuple[Path, Path]) -> None:

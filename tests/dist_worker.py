@@ -47,6 +47,9 @@ CASES: dict[str, tuple[str, dict[str, Any], list[str]]] = {  # recipe, replaced 
     "lrqat": ("llm-tiny", {}, ["qat.steps=4", "qat.eval_every=2", "checkpoint_every=2", "threads=1"]),
 }  # fmt: skip
 CASES["lrqat_fsdp"] = CASES["lrqat"]  # the same run, sharded with FSDP2 (a case ending in _fsdp)
+# the embedding quantized too: its scales are the root unit's only trainable parameters
+CASES["lrqat_emb"] = ("llm-tiny", {}, [*CASES["lrqat"][2], "quant.embedding={bits: 4, granularity: channel}"])
+CASES["lrqat_emb_fsdp"] = CASES["lrqat_emb"]
 
 
 def recipe(case: str) -> Any:

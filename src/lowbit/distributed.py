@@ -283,6 +283,17 @@ def shard_model(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit of ``model`` back to its shards. The root unit keeps its parameters gathered after
+    a forward pass (FSDP2's default for the root); an optimizer built then would hold those gathered copies,
+    which FSDP swaps out again, and their parameters would never train. Call before building optimizers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def full_tensors(obj: Any) -> Any:
     """``obj`` (a state dict, nested) with every DTensor gathered whole; a collective when it holds any, so
     every rank must call it with the same structure. Plain tensors are returned as they are."""

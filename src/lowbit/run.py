@@ -223,9 +223,6 @@ def run(
     if fsdp and recipe.task != "causal_lm":
         raise ConfigError(f"--fsdp shards causal language models (task: causal_lm); task={recipe.task!r} trains "
                           "with the model whole on every process: leave --fsdp out")  # fmt: skip
-    if fsdp and recipe.quant.embedding is not None:
-        raise ConfigError("--fsdp with quant.embedding: a quantized embedding's scales trained under FSDP2 drift from "
-                          "the gradient-averaging run's (an open issue); train without --fsdp")  # fmt: skip
     if fsdp and recipe.methods:
         raise ConfigError(f"--fsdp: methods {[m['name'] for m in recipe.methods]} read their layers' weights "
                           "outside the forward pass, where FSDP holds only shards; train without --fsdp")  # fmt: skip
@@ -275,6 +272,8 @@ def _run(
     direct = _logged(metrics, "direct", resume) or _row(
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
     )
+    if distributed.is_sharded(model):  # the evaluation left the root unit gathered: the optimizers need shards
+        distributed.reshard(model)
 
     stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names), resolved)
     last = train_stage(model, task, stage, methods, resume=resume)

@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         (k1, v1), (k2, v2) = GRID[opt].items()
         jobs += [(args.models[0], opt, False, args.seeds[0], {**DEFAULTS[opt], k1: a, k2: b},
                   f"-grid-{k1}{a:g}-{k2}{b:g}") for a in v1 for b in v2]  # fmt: skip
-    results = dict(zip(range(len(jobs)), run_all(jobs, args), strict=True))
-    done = iter(results.values())
+    done = iter(run_all(jobs, args))  # the results in job order, taken by the tables below
 
     timing_on = "timings not measured" if args.skip_timing else f"timings on {cpu_model()}"
     head = ["# Binary networks: Adam on latent weights vs Bop vs CEMA, Fashion-MNIST test set", "",

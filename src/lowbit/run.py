@@ -272,8 +272,6 @@ def _run(
     direct = _logged(metrics, "direct", resume) or _row(
         metrics, "direct", {"stage": "direct", "step": 0, **task.evaluate(model)}
     )
-    if distributed.is_sharded(model):  # the evaluation left the root unit gathered: the optimizers need shards
-        distributed.reshard(model)
 
     stage = Stage("qat", recipe.qat, run_dir, recipe.seed, recipe.checkpoint_every, progress, tuple(names), resolved)
     last = train_stage(model, task, stage, methods, resume=resume)

@@ -385,6 +385,8 @@ def train_stage(
     bpe = task.steps_per_epoch
     total = stage_steps(cfg, bpe)
     end = min(total, cfg.max_steps) if cfg.max_steps else total
+    if distributed.is_sharded(model):  # an evaluation before this stage left FSDP's root unit gathered:
+        distributed.reshard(model)  # the optimizers must hold the shards, not copies FSDP swaps out
     opt = _Optimizers(model, cfg, total, methods)
     step, loss_sum, loss_count = _resume(model, opt, methods, stage, end) if resume else (0, 0.0, 0)
     if step:

@@ -57,6 +57,7 @@ from torch import nn
 
 from lowbit.errors import ConfigError
 from lowbit.export.intmodules import IntEmbedding, IntLinear, IntTiedHead
+from lowbit.quant.functional import offset_float16
 
 __all__ = ["export_gguf", "read_gguf_weights", "pack_blocks", "EMBEDDING_TYPES", "BLOCK"]
 
@@ -85,39 +86,46 @@ def _gguf() -> Any:
 # -- blocks ------------------------------------------------------------------------------------------
 
 
-def _pack_tq2_0(ints: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """``TQ2_0`` blocks of 256 ternary values: 64 bytes of 2-bit codes ``q + 1``, then the float16 scale.
-    Within each 128 values, byte ``m`` (0..31) holds values ``m, m + 32, m + 64, m + 96`` in bits 0-1, 2-3,
-    4-5, 6-7 (llama.cpp's ``block_tq2_0``)."""
-    rows, cols = ints.shape
-    codes = (ints + 1).astype(np.uint8).reshape(rows, cols // TQ_BLOCK, 2, 4, 32)  # (.., half, n, m)
-    body = (codes << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8)  # (.., 2, 32)
-    body = body.reshape(rows, cols // TQ_BLOCK, TQ_BLOCK // 4)
-    d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // TQ_BLOCK, 2)
-    return np.concatenate([body, d], axis=-1).reshape(rows, -1)
+def _halves(x: np.ndarray, rows: int, blocks: int) -> np.ndarray:
+    """Float16 values as their 2 bytes each, ``(rows, blocks, 2)`` uint8 (a block's ``d`` or ``m``)."""
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8).reshape(rows, blocks, 2)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """Blocks of 32 codes 0..15, ``(.., 32)`` -> ``(.., 16)`` bytes: the first 16 in the low nibbles."""
+    n = codes.astype(np.uint8)
+    return n[..., : BLOCK // 2] | (n[..., BLOCK // 2 :] << 4)
 
 
 def pack_blocks(ints: np.ndarray, scales: np.ndarray, kind: str, offsets: np.ndarray | None = None) -> np.ndarray:
-    """Raw ``Q4_0`` / ``Q8_0`` / ``TQ2_0`` / ``Q4_1`` blocks, ``(rows, bytes per row)`` uint8, of integers
+    """Raw ``Q4_0`` / ``Q8_0`` / ``Q4_1`` / ``TQ2_0`` blocks, ``(rows, bytes per row)`` uint8, of integers
     ``(rows, cols)`` and float16 scales per block of 32 ``(rows, cols / 32)`` (for ``TQ2_0``, equal within
-    each 256); ``Q4_1`` also takes the float16 minimum of every block (``offsets``, the same shape)."""
+    each 256); ``Q4_1`` also takes the float16 minimum of every block (``offsets``, the same shape).
+
+    - ``Q4_0``: ``d``, then ``q + 8`` two to a byte; ``Q8_0``: ``d``, then 32 int8; ``Q4_1``: ``d``, ``m``,
+      then ``q`` (0..15) as Q4_0 lays them out;
+    - ``TQ2_0`` (256 values): 64 bytes of 2-bit codes ``q + 1`` (within each 128 values, byte ``m`` holds
+      values ``m, m + 32, m + 64, m + 96`` from the low bits up), then ``d`` (llama.cpp's ``block_tq2_0``).
+    """
     rows, cols = ints.shape
     if kind == "TQ2_0":
-        return _pack_tq2_0(ints, scales[:, :: TQ_BLOCK // BLOCK])
-    if kind == "Q4_1":  # d, then the float16 minimum m (``offsets``), then the 4-bit codes q (0..15)
-        m = np.ascontiguousarray(offsets.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
-        n = ints.reshape(rows, cols // BLOCK, BLOCK).astype(np.uint8)
-        body = n[..., : BLOCK // 2] | (n[..., BLOCK // 2 :] << 4)
-        d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
-        return np.concatenate([d, m, body], axis=-1).reshape(rows, -1)
-    d = np.ascontiguousarray(scales.astype(np.float16)).view(np.uint8).reshape(rows, cols // BLOCK, 2)
-    q = ints.reshape(rows, cols // BLOCK, BLOCK)
-    if kind == "Q4_0":
-        n = (q + 8).astype(np.uint8)
-        body = n[..., : BLOCK // 2] | (n[..., BLOCK // 2 :] << 4)
+        blocks = cols // TQ_BLOCK
+        codes = (ints + 1).astype(np.uint8).reshape(rows, blocks, 2, 4, 32)  # (.., half, n, m)
+        body = (codes << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=-2, dtype=np.uint8)
+        body = body.reshape(rows, blocks, TQ_BLOCK // 4)
+        return np.concatenate([body, _halves(scales[:, :: TQ_BLOCK // BLOCK], rows, blocks)], -1).reshape(rows, -1)
+    blocks = cols // BLOCK
+    q = ints.reshape(rows, blocks, BLOCK)
+    head = [_halves(scales, rows, blocks)]
+    if kind == "Q4_1":
+        assert offsets is not None
+        head.append(_halves(offsets, rows, blocks))
+        body = _nibbles(q)
+    elif kind == "Q4_0":
+        body = _nibbles(q + 8)
     else:
         body = q.astype(np.int8).view(np.uint8)
-    return np.concatenate([d, body], axis=-1).reshape(rows, -1)
+    return np.concatenate([*head, body], axis=-1).reshape(rows, -1)
 
 
 def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool, values: Any = None) -> np.ndarray:
@@ -164,8 +172,8 @@ def _quantized(
     if qw.offset16:
         if lo < 0 or hi > 15:
             raise ConfigError(f"layer {name!r}: integers in [{lo}, {hi}]; Q4_1 holds 0..15 (format: q4_1)")
-        minima = (-(qw.weight_scale.detach().float() * qw.weight_zero_point.detach().float())).half().float()
-        offsets = _block_scales(name, qw, rows, cols, True, minima)  # float16(−s·z), as offset_float16 rounds
+        minima = offset_float16(qw.weight_scale.detach().float(), qw.weight_zero_point.detach().float())
+        offsets = _block_scales(name, qw, rows, cols, True, minima)  # float16(−s·z), as the model computes it
         return ints, _block_scales(name, qw, rows, cols, round_scales), "Q4_1", offsets
     kind = next((k for k, (a, b) in RANGES.items() if a <= lo and hi <= b), None)
     if kind is None:

@@ -54,7 +54,7 @@ def _input_quantizer(name: str, spec: dict[str, Any], tensors: dict[str, Tensor]
 
 
 KIND = {IntLinear: "linear", IntConv2d: "conv2d", IntEmbedding: "embedding"}
-_FLOAT_KIND = {"linear": nn.Linear, "conv2d": nn.Conv2d, "embedding": nn.Embedding, "tied_head": nn.Linear}
+_FLOAT_KIND = {"linear": nn.Linear, "conv2d": nn.Conv2d, "embedding": nn.Embedding}
 
 
 def _bias_of(name: str, float_mod: nn.Module, tensors: dict[str, Tensor]) -> nn.Parameter | None:

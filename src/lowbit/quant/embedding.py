@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lowbit.quant.calibrate import init_range
+from lowbit.quant.modules import _set_bits, _watch_weight_grad, _weight_int
 from lowbit.quant.quantizer import Quantizer
 from lowbit.spec import QuantSpec
 
@@ -55,22 +56,14 @@ class QuantEmbedding(nn.Embedding):
         return self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
 
     def weight_int(self, transform: bool = True) -> Tensor:
-        if self.weight_quantizer is None:
-            raise ValueError("QuantEmbedding keeps its weight float: it has no integers")
-        return self.weight_quantizer.quantize_ste(self.weight, transform)
+        return _weight_int(self, transform)  # type: ignore[arg-type]
 
     def set_bits(self, bits: int) -> None:
-        if self.weight_quantizer is None:
-            raise ValueError("QuantEmbedding keeps its weight float: it has no bit width to set")
-        self.weight_quantizer.set_bits(bits)
+        _set_bits(self, bits)  # type: ignore[arg-type]
 
     def watch_weight_grad(self, fn: Callable[[Tensor], None]) -> RemovableHandle:
         """Call ``fn(grad)`` with the loss's gradient w.r.t. the latent table on every backward pass."""
-
-        def hook(grad: Tensor) -> None:
-            fn(grad)
-
-        return self.weight.register_hook(hook)
+        return _watch_weight_grad(self, fn)  # type: ignore[arg-type]
 
     def forward(self, ids: Tensor) -> Tensor:
         return nn.functional.embedding(ids, self.quantized_weight(), self.padding_idx, None, 2.0,

@@ -174,14 +174,13 @@ class QBitOpt:
             return None  # a float weight is left alone
         if layer.weight_quantizer.spec.binary is not None:
             return "its weight is on the binary grid {-s, +s}, which has no other bit widths to allocate"
-        w = getattr(layer, "weight", None)
-        if isinstance(w, nn.Parameter) and not w.requires_grad:
+        if isinstance(w := getattr(layer, "weight", None), nn.Parameter) and not w.requires_grad:
             return (f"{type(layer).__name__}'s weight is frozen (a quantized embedding under freeze_unquantized), so "
                     "no gradient measures its sensitivity: leave quant.embedding out or train the table")  # fmt: skip
         if not callable(getattr(layer, "watch_weight_grad", None)):
             return (f"{type(layer).__name__} keeps its integer weights out of the backward pass, so no weight "
                     "gradient measures its sensitivity (use lowrank variant lrqat)")  # fmt: skip
-        if self.settings.sensitivity == "hutchinson" and not isinstance(getattr(layer, "weight", None), nn.Parameter):
+        if self.settings.sensitivity == "hutchinson" and not isinstance(w, nn.Parameter):
             return (f"sensitivity: hutchinson differentiates twice w.r.t. a latent weight parameter; "
                     f"{type(layer).__name__} builds its weight from Φ0 and adapters: use fisher")  # fmt: skip
         return None

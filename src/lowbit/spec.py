@@ -15,6 +15,12 @@ to another value than the format's is an error naming both):
   ``offset: float16``: a value is ``s·q + m`` with ``m = float16(−s·z)``, the float16 minimum Q4_1 stores
   per block (rounded in training too, with a straight-through gradient), so the file is the trained grid.
 
+``symmetric: auto``: the grid is chosen per quantizer from its calibration data (activations, where the
+data differ from layer to layer): non-negative data take the unsigned grid; signed data take the symmetric
+signed grid unless the asymmetric grid's calibration error (the same range search) is below
+``AUTO_ASYMMETRIC_RATIO`` times its error, which happens when the data are skewed to one side (a residual
+stream, GELU outputs). Symmetric where it is enough keeps integer kernels free of zero-point terms.
+
 ``offset``: how an asymmetric grid's zero point enters: ``integer`` (``s·(q − z)``, what ONNX and lowbit's
 other exports hold) or ``float16`` (``s·q + m`` as above; GGUF's Q4_1 only).
 """
@@ -28,7 +34,8 @@ from typing import Any
 from lowbit.validate import check as _check
 from lowbit.validate import check_int, check_number
 
-__all__ = ["BinarySpec", "QuantSpec", "GGUF_FORMATS", "SCALE_DTYPES", "GRANULARITIES", "MAX_LENGTH"]
+__all__ = ["BinarySpec", "QuantSpec", "GGUF_FORMATS", "SCALE_DTYPES", "GRANULARITIES", "MAX_LENGTH",
+           "AUTO_ASYMMETRIC_RATIO"]
 
 GRANULARITIES = ("tensor", "channel", "group")
 BINARY_SCALES = ("mean_abs", "learned", "one")
@@ -47,6 +54,8 @@ GGUF_FORMATS: dict[str, dict[str, Any]] = {
              "scale_dtype": "float16", "axis": 0, "binary": None, "offset": "float16"},
 }  # fmt: skip
 OFFSETS = ("integer", "float16")
+SYMMETRIC = (True, False, "auto")
+AUTO_ASYMMETRIC_RATIO = 0.75  # symmetric: auto takes the asymmetric grid when its error is below 3/4 of the symmetric's
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class QuantSpec:
     """How to quantize one tensor: bit width, grid, granularity, scale learning and range init."""
 
     bits: int = 8
-    symmetric: bool = True
+    symmetric: bool | str = True  # or "auto": chosen per quantizer at calibration (module docstring)
     granularity: str = "tensor"
     group_size: int | None = None
     learn_scale: bool = True
@@ -97,12 +106,17 @@ class QuantSpec:
                 object.__setattr__(self, key, value)
         _check(self.scale_dtype in SCALE_DTYPES, "scale_dtype", self.scale_dtype, f"one of {SCALE_DTYPES}")
         _check(self.offset in OFFSETS, "offset", self.offset, f"one of {OFFSETS}")
-        _check(self.offset == "integer" or not self.symmetric, "offset", self.offset,
+        _check(any(self.symmetric is v for v in SYMMETRIC[:2]) or self.symmetric == "auto", "symmetric",
+               self.symmetric, "true, false or auto (chosen per quantizer from the calibration data)")
+        if self.symmetric == "auto":
+            why = "null with symmetric: auto (the grid and its signedness come from the data)"
+            _check(self.signed is None, "signed", self.signed, why)
+        _check(self.offset == "integer" or self.symmetric is False, "offset", self.offset,
                "'integer' for a symmetric grid (a float16 offset needs symmetric: false)")  # fmt: skip
         check_int("bits", self.bits, 1, 8)
         if self.binary is not None:
             why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"
-            ok = self.bits == 1 and self.symmetric and self.signed is not False
+            ok = self.bits == 1 and self.symmetric is True and self.signed is not False
             _check(ok, "binary", self.binary, why)
             _check(self.granularity != "group", "granularity", self.granularity,
                    "tensor or channel with the binary grid")  # fmt: skip
@@ -121,7 +135,7 @@ class QuantSpec:
         object.__setattr__(self, "p", check_number("p", self.p, 0, 100, "a number in (0, 100]", open_lo=True))
         check_int("num_candidates", self.num_candidates, 1, MAX_CANDIDATES)
         check_int("axis", self.axis, -8, 7, "an integer dimension index from -8 to 7")
-        for name in ("symmetric", "learn_scale", "learn_zero_point", "grad_scale"):
+        for name in ("learn_scale", "learn_zero_point", "grad_scale"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "true or false")
         _check(self.signed is None or isinstance(self.signed, bool), "signed", self.signed, "true, false or null")
 

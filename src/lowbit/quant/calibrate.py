@@ -10,7 +10,8 @@ For each scale (one per tensor, channel or group) the data are viewed as one row
   ``lp`` with p = 4; the oscillations paper uses ``mse`` with 100 candidates.
 
 Symmetric quantizers whose ``spec.signed`` is None choose the signed or unsigned grid from the data
-(unsigned when ``min(x) >= 0``, e.g. after a ReLU), as in the official oscillations code.
+(unsigned when ``min(x) >= 0``, e.g. after a ReLU), as in the official oscillations code; quantizers with
+``symmetric: auto`` also choose between the symmetric and the asymmetric grid (``_choose_grid``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from lowbit.quant import functional as F
 from lowbit.quant.quantizer import Quantizer
+from lowbit.spec import AUTO_ASYMMETRIC_RATIO, QuantSpec
 
 __all__ = ["init_range", "range_rows"]
 
@@ -70,6 +72,44 @@ def _row_error(rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, 
     return (q - rows).abs().pow(p).mean(dim=1)
 
 
+def _search(
+    rows: Tensor, qmin: int, qmax: int, symmetric: bool, spec: QuantSpec
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Per row: the scale and zero point of ``spec.init`` for the grid ``qmin..qmax``, and their error
+    (``mean |q(x) − x|^p`` on the subsample; p = 2 for ``minmax`` and ``mse``)."""
+    lo = rows.amin(dim=1).clamp_max(0.0)
+    hi = rows.amax(dim=1).clamp_min(0.0)
+    p = spec.p if spec.init == "lp" else 2.0
+    sub = _subsample(rows)
+    s, z = _minmax_params(lo, hi, qmin, qmax, symmetric)
+    if spec.init == "minmax":
+        return s, z, _row_error(sub, s, z, qmin, qmax, p)
+    best_err = torch.full_like(s, float("inf"))
+    n = spec.num_candidates
+    for k in range(1, n + 1):
+        c = k / n
+        cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, symmetric)
+        err = _row_error(sub, cs, cz, qmin, qmax, p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        s = torch.where(better, cs, s)
+        if z is not None and cz is not None:
+            z = torch.where(better, cz, z)
+    return s, z, best_err
+
+
+def _choose_grid(q: Quantizer, rows: Tensor) -> None:
+    """``symmetric: auto``: the unsigned grid for non-negative data; for signed data the symmetric signed
+    grid unless the asymmetric one's error is below ``AUTO_ASYMMETRIC_RATIO`` times its error."""
+    if not bool(rows.min() < 0):
+        q.use_grid(True, False)
+        return
+    bits = q.nbits
+    sym = _search(rows, *F.int_range(bits, True), True, q.spec)[2].sum()
+    asym = _search(rows, *F.int_range(bits, False), False, q.spec)[2].sum()
+    q.use_grid(not bool(asym < AUTO_ASYMMETRIC_RATIO * sym), True)
+
+
 @torch.no_grad()
 def init_range(q: Quantizer, x: Tensor) -> None:
     """Set ``q``'s scale (and zero point) from data ``x`` with the method of ``q.spec.init``."""
@@ -81,28 +121,12 @@ def init_range(q: Quantizer, x: Tensor) -> None:
             q.scale.copy_(rows.abs().mean(dim=1).reshape(q.scale.shape))
         q.initialized.fill_(True)
         return
-    if spec.signed is None and spec.symmetric:
+    if spec.symmetric == "auto":
+        _choose_grid(q, rows)
+    elif spec.signed is None and spec.symmetric:
         q.signed.fill_(bool(rows.min() < 0))
     qmin, qmax = q.int_grid()
-    lo = rows.amin(dim=1).clamp_max(0.0)
-    hi = rows.amax(dim=1).clamp_min(0.0)
-    s, z = _minmax_params(lo, hi, qmin, qmax, spec.symmetric)
-    if spec.init in ("mse", "lp"):
-        p = 2.0 if spec.init == "mse" else spec.p
-        sub = _subsample(rows)
-        best_err = torch.full_like(s, float("inf"))
-        best_s, best_z = s.clone(), (z.clone() if z is not None else None)
-        n = spec.num_candidates
-        for k in range(1, n + 1):
-            c = k / n
-            cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, spec.symmetric)
-            err = _row_error(sub, cs, cz, qmin, qmax, p)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, cs, best_s)
-            if best_z is not None and cz is not None:
-                best_z = torch.where(better, cz, best_z)
-        s, z = best_s, best_z
+    s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec)
     q.scale.copy_(s.reshape(q.scale.shape))
     if q.zero_point is not None and z is not None:
         q.zero_point.copy_(z.reshape(q.zero_point.shape))

@@ -56,10 +56,10 @@ class Quantizer(nn.Module):
         self.granularity = spec.granularity
         self.axis = spec.axis
         self.group_size = spec.group_size
-        self.symmetric = spec.symmetric
+        self.symmetric = spec.symmetric is not False  # symmetric: auto starts symmetric (see use_grid)
         self.shape = tuple(shape) if shape is not None else None
         scale_shape = self._scale_shape(shape, channels)
-        signed = spec.signed if spec.signed is not None else spec.symmetric
+        signed = spec.signed if spec.signed is not None else self.symmetric
         self.register_buffer("bits", torch.tensor(spec.bits, dtype=torch.int64))
         self.register_buffer("signed", torch.tensor(bool(signed)))
         self.register_buffer("initialized", torch.tensor(False))
@@ -71,14 +71,40 @@ class Quantizer(nn.Module):
             self.scale = nn.Parameter(scale)
         else:
             self.register_buffer("scale", scale)
-        if spec.symmetric:
-            self.zero_point = None
-        elif spec.learn_zero_point and spec.learn_scale:
-            self.zero_point = nn.Parameter(torch.zeros(scale_shape))
-        else:
-            self.register_buffer("zero_point", torch.zeros(scale_shape))
+        self.zero_point = None
+        if not self.symmetric:
+            self._add_zero_point()
         self.int_transform = None
         self.observed: list[Tensor] | None = None  # set only while calibrating (see lowbit.api)
+
+    def _add_zero_point(self) -> None:
+        self.__dict__.pop("zero_point", None)  # the plain None attribute of a symmetric grid
+        z = torch.zeros(self.scale.shape, device=self.scale.device)
+        if self.spec.learn_zero_point and self.spec.learn_scale:
+            self.zero_point = nn.Parameter(z)
+        else:
+            self.register_buffer("zero_point", z)
+
+    @torch.no_grad()
+    def use_grid(self, symmetric: bool, signed: bool) -> None:
+        """Switch a ``symmetric: auto`` quantizer's grid (calibration does, before any optimizer exists):
+        asymmetric grids gain a zero point (a parameter when learned) and are unsigned."""
+        if self.spec.symmetric != "auto":
+            raise ValueError(f"only symmetric: auto chooses its grid (this quantizer: {self.spec.symmetric})")
+        if symmetric and self.zero_point is not None:
+            del self.zero_point
+            self.zero_point = None
+        elif not symmetric and self.zero_point is None:
+            self._add_zero_point()
+        self.symmetric = symmetric
+        self.signed.fill_(bool(signed) and symmetric)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        if self.spec.symmetric == "auto":  # the grid the saved quantizer chose (a zero point: asymmetric)
+            has_zero = prefix + "zero_point" in state_dict
+            if has_zero != (self.zero_point is not None):
+                self.use_grid(not has_zero, bool(self.signed))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     # -- shapes ---------------------------------------------------------------------------------
     def _scale_shape(self, shape: tuple[int, ...] | None, channels: int | None) -> tuple[int, ...]:

@@ -54,8 +54,8 @@ def cnn_rows(bits_list: list[int]) -> list[list[str]]:
     rows = [["MobileNetV2 (Fashion-MNIST)", "float", "–", "–", f"{task.evaluate(float_model('mobilenetv2', {}, 3, 0))['test_accuracy']:.2f}", "–"]]  # noqa: E501
     for bits in bits_list:
         for name, sym in GRIDS.items():
-            cfg = QuantConfig(weight=QuantSpec(bits=bits, granularity="channel"), act=QuantSpec(bits=bits, symmetric=sym),
-                              first_last_bits=8)  # fmt: skip
+            w, a = QuantSpec(bits=bits, granularity="channel"), QuantSpec(bits=bits, symmetric=sym)
+            cfg = QuantConfig(weight=w, act=a, first_last_bits=8)
             model = lowbit.prepare(float_model("mobilenetv2", {}, 3, 0), cfg, calib=calib)
             acc = task.evaluate(model)["test_accuracy"]
             rows.append(["MobileNetV2 (Fashion-MNIST)", f"W{bits}A{bits}", name, grid_counts(model), f"{acc:.2f}", "–"])

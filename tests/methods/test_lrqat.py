@@ -53,9 +53,10 @@ def lrqat(
     checkpoint: bool = True,
     variant: str = "lrqat",
     skip: tuple[str, ...] = ("3", "lm_head"),
+    symmetric: bool = True,
 ) -> nn.Module:
     """``lowbit.prepare`` with a lowrank setting: every linear but the head becomes a low-rank layer."""
-    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init="lp")
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, init="lp", symmetric=symmetric)
     names = {n for n, _ in model.named_modules()}
     rules = tuple(Rule(match=h, skip=True) for h in skip if h in names)
     lowrank = LowRankSpec(rank=rank, phi=phi, recompute=checkpoint, variant=variant)
@@ -74,6 +75,38 @@ def test_fixed_point_round_trip_is_exact_on_its_grid(bits: int) -> None:
     x = torch.randn(1000) * 3
     err = (from_fixed_point(to_fixed_point(x, bits), bits) - x.clamp(qmin, qmax)).abs().max()
     assert float(err) <= step / 2 + 1e-7
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fixed_point8_stores_unsigned_grids_exactly(bits: int) -> None:
+    from lowbit.methods.lrqat import PHI_CODECS
+
+    codec = PHI_CODECS["fixed_point8"]
+    step = 2.0 ** (bits - 8)
+    grid = torch.arange(0, (2**bits - 1) / step + 1) * step  # every Q(b).(8−b) value in [0, 2^b − 1]
+    stored = codec.encode(grid, bits, False)
+    assert stored.dtype == torch.int8
+    assert torch.equal(codec.decode(stored, bits, False, (1, grid.numel())), grid)
+
+
+@pytest.mark.parametrize("phi", ["fixed_point8", "bf16", "fp32", "int"])
+def test_asymmetric_step_zero_is_round_to_nearest_with_its_zero_point(phi: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.add_(0.05)  # skewed rows: the zero point is not the middle of the grid
+    layer = LowRankQuantLinear(lin, lowbit.QuantSpec(bits=2, symmetric=False, init="lp"), rank=4, phi=phi)
+    q = layer.weight_quantizer
+    assert not q.zero_point.requires_grad and torch.equal(q.zero_point, q.zero_point.round())
+    s = F.positive_scale(q.scale.detach(), F.SCALE_EPS).reshape(-1, 1)
+    z = q.zero_point.reshape(-1, 1)
+    rtn = torch.clamp(torch.round(lin.weight.detach() / s) + z, 0, 3)
+    ints = layer.weight_int().detach()
+    assert float((ints != rtn).float().mean()) < (0.05 if phi in ("fixed_point8", "bf16") else 1e-9)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, (ints - z) * s, lin.bias))
+    with pytest.raises(ConfigError, match="asymmetric"):
+        layer.set_bits(3)
 
 
 @pytest.mark.parametrize("phi", ["fixed_point8", "bf16", "fp32", "int"])
@@ -107,9 +140,16 @@ def test_only_adapters_and_scales_train() -> None:
     assert float(layer.lora_a.grad.abs().sum()) > 0 and float(layer.lora_b.grad.abs().sum()) == 0
 
 
-@pytest.mark.parametrize("granularity, group_size, phi", [("channel", None, "fixed_point8"), ("group", 16, "int")])
-def test_convert_is_exact_after_training(tmp_path: Path, granularity: str, group_size: int | None, phi: str) -> None:
-    model = lrqat(_model(), bits=3, rank=4, granularity=granularity, group_size=group_size, phi=phi)
+@pytest.mark.parametrize(
+    "granularity, group_size, phi, symmetric",
+    [("channel", None, "fixed_point8", True), ("group", 16, "int", True), ("group", 16, "fixed_point8", False),
+     ("channel", None, "bf16", False)],
+)  # fmt: skip
+def test_convert_is_exact_after_training(
+    tmp_path: Path, granularity: str, group_size: int | None, phi: str, symmetric: bool
+) -> None:
+    model = lrqat(_model(), bits=3, rank=4, granularity=granularity, group_size=group_size, phi=phi,
+                  symmetric=symmetric)  # fmt: skip
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):
         loss = nn.functional.cross_entropy(model(TOKENS).reshape(-1, 50), TOKENS.roll(1, 1).reshape(-1))
@@ -126,28 +166,32 @@ def test_convert_is_exact_after_training(tmp_path: Path, granularity: str, group
             if isinstance(m, LowRankQuantLinear):
                 int_layer = dict(merged.named_modules())[name]
                 assert torch.equal(int_layer.qweight.weight_int, m.weight_int().round().to(torch.int8))
+                assert (int_layer.qweight.weight_zero_point is None) == symmetric
         lowbit.save(merged, tmp_path / "llm.safetensors")
         loaded = lowbit.load(tmp_path / "llm.safetensors", model=_model(seed=5))
         assert torch.equal(loaded(TOKENS), ref)
 
 
 @pytest.mark.parametrize(
-    ("granularity", "group_size", "rank", "phi"),
+    ("granularity", "group_size", "rank", "phi", "symmetric"),
     [
-        ("channel", None, 2, "fixed_point8"),
-        ("group", 16, 2, "fixed_point8"),
-        ("channel", None, 0, "bf16"),
-        ("tensor", None, 3, "int"),
+        ("channel", None, 2, "fixed_point8", True),
+        ("group", 16, 2, "fixed_point8", True),
+        ("channel", None, 0, "bf16", True),
+        ("tensor", None, 3, "int", True),
+        ("group", 16, 2, "fixed_point8", False),
+        ("channel", None, 3, "int", False),
     ],
 )
 def test_recomputing_function_gives_autograds_gradients(
-    granularity: str, group_size: int | None, rank: int, phi: str
+    granularity: str, group_size: int | None, rank: int, phi: str, symmetric: bool
 ) -> None:
     """The hand-written backward (checkpoint=True) equals autograd through the plain path, clipping included."""
     grads = []
     for ck in (True, False):
         model = lrqat(
-            _model(), bits=4, rank=rank, granularity=granularity, group_size=group_size, phi=phi, checkpoint=ck
+            _model(), bits=4, rank=rank, granularity=granularity, group_size=group_size, phi=phi, checkpoint=ck,
+            symmetric=symmetric,
         )
         with torch.no_grad():
             for m in model.modules():
@@ -189,8 +233,6 @@ def test_recomputing_function_with_bias_and_batched_input() -> None:
 def test_bad_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="rank=40"):
         lrqat(_model(), rank=40)
-    with pytest.raises(ConfigError, match="fixed_point8"):
-        LowRankQuantLinear(nn.Linear(8, 8), lowbit.QuantSpec(bits=2, symmetric=False), rank=2)
     with pytest.raises(ConfigError, match="group_size"):
         lrqat(_model(), rank=2, granularity="group", group_size=7)
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))

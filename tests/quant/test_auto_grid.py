@@ -104,8 +104,9 @@ def test_only_auto_quantizers_switch() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"symmetric": "yes"}, {"symmetric": 1}, {"symmetric": "auto", "signed": True}, {"symmetric": "auto", "format": "q4_0"},
-     {"symmetric": "auto", "offset": "float16"}, {"symmetric": "auto", "bits": 1, "binary": {}}],
+    [{"symmetric": "yes"}, {"symmetric": 1}, {"symmetric": "auto", "signed": True},
+     {"symmetric": "auto", "format": "q4_0"}, {"symmetric": "auto", "offset": "float16"},
+     {"symmetric": "auto", "bits": 1, "binary": {}}],
 )  # fmt: skip
 def test_spec_rejects(fields: dict) -> None:
     from lowbit.validate import build_dataclass

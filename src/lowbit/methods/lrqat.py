@@ -14,7 +14,7 @@ overhead. ``A = 0`` makes step 0 equal round-to-nearest of ``Φ0``.
 The down-cast ``φ`` (``phi``):
 
 - ``fixed_point8`` (default): int8 fixed point Q(b).(8−b), ``φ(x) = round(2^(8−b)·clip(x, qmin, qmax))``,
-  ``φ⁻¹(y) = y / 2^(8−b)``; exact for values on that grid; symmetric signed grids only;
+  ``φ⁻¹(y) = y / 2^(8−b)``; exact for values on that grid (an unsigned grid is shifted into the signed one);
 - ``bf16``; ``fp32`` (no down-cast, for reference);
 - ``int``: ``Φ0`` rounded to integers and stored packed at b bits (``lowbit.export.pack``), the paper's
   lowest-memory variant; step 0 is then exactly round-to-nearest of ``W0/s0``.
@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,10 +54,10 @@ from torch.utils.hooks import RemovableHandle
 from lowbit.config import LowRankSpec, QuantSpec
 from lowbit.errors import ConfigError
 from lowbit.export.intmodules import IntLinear, IntWeight, LowRankAdapter, frozen_copy
-from lowbit.export.pack import pack, unpack
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import init_range
 from lowbit.quant.functional import dequantize_weight, int_dtype
+from lowbit.quant.phi_storage import PHI_CODECS, from_fixed_point, to_fixed_point
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = [
@@ -69,79 +69,6 @@ __all__ = [
     "convert_qlora",
     "PHI_CODECS",
 ]
-
-
-def to_fixed_point(x: Tensor, bits: int) -> Tensor:
-    """``int8(round(2^(8−b)·clip(x, −2^(b−1), 2^(b−1)−1)))``: Q(b).(8−b) fixed point of grid values."""
-    qmin, qmax = F.int_range(bits, True)
-    return torch.round(x.clamp(qmin, qmax) * 2.0 ** (8 - bits)).to(torch.int8)
-
-
-def from_fixed_point(y: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``y / 2^(8−b)`` as ``dtype``: the inverse of ``to_fixed_point`` on its grid (exact)."""
-    return y.to(dtype) * 2.0 ** (bits - 8)
-
-
-# -- Φ0 storage: one codec object per kind, chosen once ------------------------------------------------
-
-
-class PhiCodec(Protocol):
-    def check(self, spec: QuantSpec) -> None: ...
-    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor: ...
-    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor: ...
-
-
-class FixedPoint8:
-    """int8 Q(b).(8−b): exact for grid values with up to 8−b fractional bits; symmetric signed grids."""
-
-    def check(self, spec: QuantSpec) -> None:
-        if not (spec.symmetric and spec.signed in (None, True)):
-            raise ConfigError("phi='fixed_point8' needs a symmetric signed grid: use phi='bf16' for asymmetric ones")
-
-    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
-        return to_fixed_point(t, bits)
-
-    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
-        return from_fixed_point(stored, bits)
-
-
-class FloatStorage:
-    """``Φ0`` clipped to the grid and stored as a float dtype (bf16, or fp32 for reference)."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-    def check(self, spec: QuantSpec) -> None:
-        pass
-
-    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
-        qmin, qmax = F.int_range(bits, signed)
-        return t.clamp(qmin, qmax).to(self.dtype).contiguous()
-
-    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
-        return stored.float()
-
-
-class PackedInt:
-    """``Φ0`` rounded to integers and packed at b bits: the lowest-memory storage."""
-
-    def check(self, spec: QuantSpec) -> None:
-        pass
-
-    def encode(self, t: Tensor, bits: int, signed: bool) -> Tensor:
-        qmin, qmax = F.int_range(bits, signed)
-        return pack(torch.round(t).clamp(qmin, qmax).to(torch.int32), bits, signed)
-
-    def decode(self, stored: Tensor, bits: int, signed: bool, shape: tuple[int, int]) -> Tensor:
-        return unpack(stored, bits, signed, shape[0] * shape[1]).reshape(shape).float()
-
-
-PHI_CODECS: dict[str, PhiCodec] = {
-    "fixed_point8": FixedPoint8(),
-    "bf16": FloatStorage(torch.bfloat16),
-    "fp32": FloatStorage(torch.float32),
-    "int": PackedInt(),
-}
 
 
 def _scale_grad(grad_w: Tensor, w_int: Tensor, scale: Tensor, granularity: str, group_size: int | None) -> Tensor:
@@ -163,14 +90,34 @@ def _input_quantizer(act: QuantSpec | None, in_features: int, device: torch.devi
 
 @torch.no_grad()
 def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
-    """A weight quantizer range-initialised on ``w0`` (out, in), and ``W0 / s0`` in its grid units."""
+    """A weight quantizer range-initialised on ``w0`` (out, in), and ``W0 / s0 + z0`` in its grid units.
+
+    An asymmetric grid's zero point ``z0`` (an integer) is frozen: the adapters move the integers, the
+    scale learns, and ``Ŵ = s·(W_int − z0)`` merges into integers with that zero point."""
     if spec.binary is not None:
         raise ConfigError("low-rank layers (LR-QAT, QLoRA-style) keep their weights on an integer grid; the binary "
                           "grid {-s, +s} is not one: add a rule with lowrank: null for binary layers")  # fmt: skip
     q = Quantizer(spec, tuple(w0.shape)).to(w0.device)
     init_range(q, w0)
-    s0, _ = q.qparams(w0, q.int_grid()[1])
-    return q, (q.view(w0) / F.positive_scale(s0, F.SCALE_EPS)).reshape(w0.shape)
+    qmin, qmax = q.int_grid()
+    s0, z0 = q.qparams(w0, qmax)
+    units = q.view(w0) / F.positive_scale(s0, F.SCALE_EPS)
+    if z0 is not None:
+        q.zero_point.requires_grad_(False)
+        q.zero_point.copy_(q.zero_point.clamp(qmin, qmax).round())
+        units = units + q.zero_point_view(w0)
+    return q, units.reshape(w0.shape)
+
+
+def _frozen_zero(q: Quantizer) -> Tensor | None:
+    """The frozen integer zero point of a low-rank layer's grid, in the quantizer's stored shape (or None)."""
+    return None if q.zero_point is None else q.zero_point.detach()
+
+
+def _refuse_asymmetric_set_bits(q: Quantizer) -> None:
+    if q.zero_point is not None:
+        raise ConfigError("set_bits on a low-rank layer with an asymmetric grid is not supported (its integer zero "
+                          "point would leave the grid): use a symmetric weight grid with methods that change bits")
 
 
 def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
@@ -198,7 +145,7 @@ class _LowRankQuantLinearFn(torch.autograd.Function):
         layer: LowRankQuantLinear,
     ) -> Tensor:
         w_int, _, s_pos = layer._build(lora_a, lora_b, scale, mask=False)
-        w = dequantize_weight(w_int, s_pos, None, *layer._qlayout())
+        w = dequantize_weight(w_int, s_pos, _frozen_zero(layer.weight_quantizer), *layer._qlayout())
         ctx.save_for_backward(x, lora_a, lora_b, scale)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -210,7 +157,8 @@ class _LowRankQuantLinearFn(torch.autograd.Function):
         layer: LowRankQuantLinear = ctx.layer
         gran, _, gs = layer._qlayout()
         w_int, inside, s_pos = layer._build(lora_a, lora_b, scale)
-        w = dequantize_weight(w_int, s_pos, None, gran, 0, gs)
+        z = _frozen_zero(layer.weight_quantizer)
+        w = dequantize_weight(w_int, s_pos, z, gran, 0, gs)
         grad_x = grad_y @ w.to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         grad_a = grad_b = grad_s = grad_bias = None
         if any(ctx.needs_input_grad[1:4]):
@@ -218,7 +166,8 @@ class _LowRankQuantLinearFn(torch.autograd.Function):
             grad_w = gy.t() @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
             if ctx.needs_input_grad[3]:
                 sign = torch.where(scale < 0, -1.0, 1.0)  # positive_scale's gradient
-                grad_s = _scale_grad(grad_w, w_int, scale, gran, gs) * sign
+                centered = w_int if z is None else dequantize_weight(w_int, torch.ones_like(s_pos), z, gran, 0, gs)
+                grad_s = _scale_grad(grad_w, centered, scale, gran, gs) * sign
             layer._call_weight_grad_hooks(grad_w)
             if layer.rank > 0 and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
                 # through dequantize (× s), clamp (1 inside the grid) and round (STE), then (α/r)·A·B
@@ -328,7 +277,7 @@ class LowRankQuantLinear(nn.Module):
     def quantized_weight(self) -> Tensor:
         q = self.weight_quantizer
         s = F.positive_scale(q.scale_value(), F.SCALE_EPS)
-        return dequantize_weight(self.weight_int(), s, None, q.granularity, q.axis, q.group_size)
+        return dequantize_weight(self.weight_int(), s, _frozen_zero(q), q.granularity, q.axis, q.group_size)
 
     def _qlayout(self) -> tuple[str, int, int | None]:
         q = self.weight_quantizer
@@ -365,6 +314,7 @@ class LowRankQuantLinear(nn.Module):
     def set_bits(self, bits: int) -> None:
         """Move to a ``bits``-wide grid keeping the effective weights' range (see the module docstring)."""
         q = self.weight_quantizer
+        _refuse_asymmetric_set_bits(q)
         ratio = _grid_ratio(q, bits)  # validates nothing yet: set_bits below does
         old = self.phi0_float()
         q.set_bits(bits)  # keep_range: s' = s·ratio
@@ -429,7 +379,7 @@ class QLoRALinear(nn.Module):
     def _dequantized(self) -> Tensor:
         q = self.weight_quantizer
         s = F.positive_scale(q.scale_value(), F.SCALE_EPS)
-        return dequantize_weight(self.base_int, s, None, q.granularity, q.axis, q.group_size)
+        return dequantize_weight(self.base_int, s, _frozen_zero(q), q.granularity, q.axis, q.group_size)
 
     def weight_int(self, transform: bool = True) -> Tensor:
         return self.base_int.float()
@@ -449,6 +399,7 @@ class QLoRALinear(nn.Module):
     def set_bits(self, bits: int) -> None:
         """Re-round the frozen integers onto a ``bits``-wide grid over the same range."""
         q = self.weight_quantizer
+        _refuse_asymmetric_set_bits(q)
         ratio = _grid_ratio(q, bits)
         old = self.base_int.float()
         q.set_bits(bits)
@@ -470,10 +421,10 @@ def _refresh_weight(layer: QLoRALinear, incompatible: Any) -> None:
 def _int_weight(layer: LowRankQuantLinear | QLoRALinear) -> IntWeight:
     q = layer.weight_quantizer
     qmin, qmax = q.int_grid()
-    scale, _ = q.export_qparams()
+    scale, zero = q.export_qparams()
     ints = layer.weight_int().round().to(int_dtype(qmin, qmax))
     iq = frozen_copy(layer.input_quantizer)
-    return IntWeight(ints, scale, None, q.nbits, bool(q.signed), q.granularity, q.axis, q.group_size, iq)
+    return IntWeight(ints, scale, zero, q.nbits, bool(q.signed), q.granularity, q.axis, q.group_size, iq)
 
 
 @torch.no_grad()

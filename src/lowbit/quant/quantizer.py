@@ -153,6 +153,12 @@ class Quantizer(nn.Module):
         shape[axis] = -1
         return p.reshape(shape)
 
+    def zero_point_view(self, x: Tensor) -> Tensor:
+        """The zero point rounded to the grid (straight through), broadcastable against ``self.view(x)``."""
+        assert self.zero_point is not None
+        qmin, qmax = self.int_grid()
+        return self._broadcast(F.zero_point_int(self.zero_point, qmin, qmax), x)
+
     # -- the grid -------------------------------------------------------------------------------
     def int_grid(self) -> tuple[int, int]:
         """``(qmin, qmax)`` from the ``bits`` and ``signed`` buffers.

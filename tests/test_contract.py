@@ -39,7 +39,14 @@ KINDS: dict[str, LowRankSpec | str | None] = {
     "lrqat_int": LowRankSpec(rank=4, phi="int"),
     "scales_only": LowRankSpec(rank=0),
     "qlora": LowRankSpec(rank=4, variant="qlora"),
+    "stretched": None,  # QuantLinear/QuantConv2d on the zero-free grid (k + 1/2)·s
+    "lrqat_asym": LowRankSpec(rank=4),  # LR-QAT on the asymmetric grid (frozen integer zero point)
+    "lrqat_stretched": LowRankSpec(rank=4),
+    "auto_act": None,  # activation grids chosen per layer (symmetric: auto)
 }
+WEIGHT_CHANGES = {"stretched": {"stretched": True}, "lrqat_asym": {"symmetric": False},
+                  "lrqat_stretched": {"stretched": True}}  # fmt: skip
+NO_SET_BITS = ("lrqat_asym", "lrqat_stretched")  # a frozen zero point that another grid would not hold
 # settings that make each method act within a few steps (defaults wait for a quarter of training)
 SETTINGS: dict[str, dict[str, Any]] = {
     "oscillation_tracking": {"momentum": 0.5},
@@ -123,6 +130,11 @@ def _config(model_name: str, kind: str) -> QuantConfig:
             pytest.skip("the CNN has no embedding")
         return dataclasses.replace(config(None), embedding=QuantSpec(bits=4, granularity="group", group_size=16,
                                                                      init="minmax"))  # fmt: skip
+    if kind == "auto_act":
+        return dataclasses.replace(config(None), act=QuantSpec(bits=8, init="minmax", symmetric="auto"))
+    if kind in WEIGHT_CHANGES:
+        cfg = config(KINDS[kind])
+        return dataclasses.replace(cfg, weight=cfg.weight.replace(**WEIGHT_CHANGES[kind]))
     if kind != "binary":
         return config(KINDS[kind])
     binary = QuantSpec(bits=1, granularity="channel", binary=BinarySpec(scale="mean_abs"))
@@ -224,13 +236,21 @@ def test_set_bits_on_every_layer_kind(model_name: str, kind: str, bits: int) -> 
     model, spec = _prepared(model_name, kind)
     layers = [(n, m) for n, m in quantized_layers(model) if m.weight_quantizer is not None]
     assert layers
+    refused = [m for _, m in layers if getattr(m, "set_bits_unsupported", lambda: None)()]
+    assert bool(refused) == (kind in NO_SET_BITS)
+    for layer in refused:
+        with pytest.raises(ConfigError, match="set_bits"):
+            layer.set_bits(bits)
     for _, layer in layers:
+        if layer in refused:
+            continue
         q = layer.weight_quantizer
-        span = F.positive_scale(q.scale.detach(), F.SCALE_EPS) * (q.int_grid()[1] - q.int_grid()[0])
+        cells = q.stretched  # the stretched grid spans 2^b steps (its levels are the cells' centres)
+        span = F.positive_scale(q.scale.detach(), F.SCALE_EPS) * (q.int_grid()[1] - q.int_grid()[0] + cells)
         layer.set_bits(bits)
         qmin, qmax = q.int_grid()
         assert q.nbits == bits and (qmin, qmax) == F.int_range(bits, bool(q.signed))
-        new_span = F.positive_scale(q.scale.detach(), F.SCALE_EPS) * (qmax - qmin)
+        new_span = F.positive_scale(q.scale.detach(), F.SCALE_EPS) * (qmax - qmin + cells)
         torch.testing.assert_close(new_span, span)  # the range is kept
         ints = layer.weight_int().detach()
         assert int(ints.min()) >= qmin and int(ints.max()) <= qmax and torch.equal(ints, ints.round())

@@ -133,13 +133,16 @@ def _plan(names: list[str], config: QuantConfig) -> Plan:
     swapped = list(plan)  # the first and last *quantized* layers, skipped ones not counted
     if fl is not None and swapped:
         first, last = swapped[0], swapped[-1]
-        if first in unruled:  # first_last_bits puts them on the integer grid (a binary net's first layer too)
+        # first_last_bits puts them on the ordinary integer grid (not binary, nor stretched, which at 8 bits
+        # would export at 9)
+        ordinary = {"bits": fl, "binary": None, "stretched": False}
+        if first in unruled:
             w, _, lr = plan[first]
-            plan[first] = (w.replace(bits=fl, binary=None) if w else None, None, lr)
+            plan[first] = (w.replace(**ordinary) if w else None, None, lr)
         if last in unruled and last != first:
             w, a, lr = plan[last]
-            last_act = a.replace(bits=fl, binary=None) if a else None
-            plan[last] = (w.replace(bits=fl, binary=None) if w else None, last_act, lr)
+            last_act = a.replace(**ordinary) if a else None
+            plan[last] = (w.replace(**ordinary) if w else None, last_act, lr)
     return plan
 
 

@@ -21,6 +21,13 @@ signed grid unless the asymmetric grid's calibration error (the same range searc
 ``AUTO_ASYMMETRIC_RATIO`` times its error, which happens when the data are skewed to one side (a residual
 stream, GELU outputs). Symmetric where it is enough keeps integer kernels free of zero-point terms.
 
+``stretched``: the zero-free symmetric grid of ParetoQ (Liu et al. 2025, "SEQ"): levels ``(k + ½)·s`` for
+``k = −2^(b−1) .. 2^(b−1)−1`` (2 bits: ``{±½, ±3⁄2}·s``), every level in use and none at 0. Weights only.
+Its values are not integers times ``s``, but ``(2k + 1)·(s/2)`` are: converted models hold the odd
+integers ``2k + 1`` at half the scale on a ``b+1``-bit signed grid, so every export (lowbit's file, ONNX,
+GGUF's Q4_0 for 2 and 3 bits in groups of 32 with float16 scales) is exact, at one more stored bit per
+weight in lowbit's own file.
+
 ``offset``: how an asymmetric grid's zero point enters: ``integer`` (``s·(q − z)``, what ONNX and lowbit's
 other exports hold) or ``float16`` (``s·q + m`` as above; GGUF's Q4_1 only).
 """
@@ -94,6 +101,7 @@ class QuantSpec:
     scale_dtype: str = "float32"  # the scales as used and exported (see the module docstring)
     format: str | None = None  # a GGUF block type's grid (q4_0, q8_0, q4_1): fills the fields it fixes
     offset: str = "integer"  # asymmetric grids: s·(q − z), or "float16": s·q + m, m = float16(−s·z) (Q4_1)
+    stretched: bool = False  # the zero-free grid (k + 1/2)·s (ParetoQ), weights only (module docstring)
 
     def __post_init__(self) -> None:
         if self.format is not None:
@@ -114,6 +122,12 @@ class QuantSpec:
         _check(self.offset == "integer" or self.symmetric is False, "offset", self.offset,
                "'integer' for a symmetric grid (a float16 offset needs symmetric: false)")  # fmt: skip
         check_int("bits", self.bits, 1, 8)
+        _check(isinstance(self.stretched, bool), "stretched", self.stretched, "true or false")
+        if self.stretched:
+            why = ("false unless bits 2..7 (it exports at one more), symmetric: true, signed: null or true, no binary "
+                   "grid, no format")
+            ok = 2 <= self.bits <= 7 and self.symmetric is True and self.signed is not False
+            _check(ok and self.binary is None and self.format is None, "stretched", self.stretched, why)
         if self.binary is not None:
             why = "the binary grid {-s, +s} (binary: ...) needs bits: 1, symmetric: true, signed: null or true"
             ok = self.bits == 1 and self.symmetric is True and self.signed is not False

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.quant import functional as F
-from lowbit.quant.functional import dequantize_weight, int_dtype
+from lowbit.quant.functional import dequantize_weight, int_dtype, int_range
 from lowbit.quant.quantizer import Quantizer
 
 __all__ = ["IntLinear", "IntConv2d", "IntEmbedding", "IntTiedHead", "IntWeight", "LowRankAdapter", "frozen_copy",
@@ -64,11 +64,11 @@ class IntWeight(nn.Module):
         iq = frozen_copy(layer.input_quantizer)
         if wq is None:
             return cls(None, None, None, 32, True, "tensor", 0, None, iq, layer.weight.detach().clone())
-        qint = layer.weight_int().round()
-        qmin, qmax = wq.int_grid()
-        scale, zero_point = wq.export_qparams()
+        qint, scale, bits = odd_if_stretched(wq, layer.weight_int().round(), wq.export_qparams()[0])
+        qmin, qmax = int_range(bits, bool(wq.signed))
+        zero_point = wq.export_qparams()[1]
         return cls(
-            qint.to(int_dtype(qmin, qmax)), scale, zero_point, int(wq.bits), bool(wq.signed),
+            qint.to(int_dtype(qmin, qmax)), scale, zero_point, bits, bool(wq.signed),
             wq.granularity, wq.axis, wq.group_size, iq, binary=wq.spec.binary is not None,
             offset16=wq.spec.offset == "float16",
         )
@@ -78,6 +78,14 @@ class IntWeight(nn.Module):
             return self.weight_float
         return dequantize_weight(self.weight_int, self.weight_scale, self.weight_zero_point, self.granularity,
                                  self.axis, self.group_size, self.offset16)  # fmt: skip
+
+
+def odd_if_stretched(q: Quantizer, ints: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(ints, scale, bits)`` to export: a stretched grid's ``(k + ½)·s`` becomes the odd integers ``2k + 1``
+    at scale ``s/2`` on the ``b+1``-bit signed grid (the same values: halving a scale is exact)."""
+    if not q.stretched:
+        return ints, scale, q.nbits
+    return 2 * ints + 1, scale / 2, q.nbits + 1
 
 
 def frozen_copy(q: Quantizer | None) -> Quantizer | None:

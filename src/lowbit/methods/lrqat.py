@@ -53,7 +53,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lowbit.config import LowRankSpec, QuantSpec
 from lowbit.errors import ConfigError
-from lowbit.export.intmodules import IntLinear, IntWeight, LowRankAdapter, frozen_copy
+from lowbit.export.intmodules import IntLinear, IntWeight, LowRankAdapter, frozen_copy, odd_if_stretched
 from lowbit.quant import functional as F
 from lowbit.quant.calibrate import init_range
 from lowbit.quant.functional import dequantize_weight, int_dtype
@@ -102,6 +102,8 @@ def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
     qmin, qmax = q.int_grid()
     s0, z0 = q.qparams(w0, qmax)
     units = q.view(w0) / F.positive_scale(s0, F.SCALE_EPS)
+    if q.stretched:  # levels (k + ½)·s: Φ0 = W0/s0 − ½ on the signed grid of k (a fixed zero point of −½)
+        units = units - 0.5
     if z0 is not None:
         q.zero_point.requires_grad_(False)
         q.zero_point.copy_(q.zero_point.clamp(qmin, qmax).round())
@@ -110,14 +112,25 @@ def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
 
 
 def _frozen_zero(q: Quantizer) -> Tensor | None:
-    """The frozen integer zero point of a low-rank layer's grid, in the quantizer's stored shape (or None)."""
+    """The frozen zero point of a low-rank layer's grid in the quantizer's stored shape: an asymmetric grid's
+    integer one, −½ for the stretched grid (``Ŵ = s·(W_int + ½)``), or None."""
+    if q.stretched:
+        return torch.full_like(q.scale, -0.5).detach()
     return None if q.zero_point is None else q.zero_point.detach()
 
 
+def set_bits_unsupported(q: Quantizer) -> str | None:
+    """Why a low-rank layer on this grid cannot change bit width (its frozen zero point), or None."""
+    if q.zero_point is not None or q.stretched:
+        return ("set_bits on a low-rank layer with an asymmetric or stretched grid is not supported (its frozen zero "
+                "point would leave the grid): use a symmetric weight grid with methods that change bits")
+    return None
+
+
 def _refuse_asymmetric_set_bits(q: Quantizer) -> None:
-    if q.zero_point is not None:
-        raise ConfigError("set_bits on a low-rank layer with an asymmetric grid is not supported (its integer zero "
-                          "point would leave the grid): use a symmetric weight grid with methods that change bits")
+    why = set_bits_unsupported(q)
+    if why:
+        raise ConfigError(why)
 
 
 def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
@@ -310,6 +323,9 @@ class LowRankQuantLinear(nn.Module):
             w.register_hook(self._call_weight_grad_hooks)
         return nn.functional.linear(x, w.to(x.dtype), self.bias)
 
+    def set_bits_unsupported(self) -> str | None:
+        return set_bits_unsupported(self.weight_quantizer)
+
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:
         """Move to a ``bits``-wide grid keeping the effective weights' range (see the module docstring)."""
@@ -395,6 +411,9 @@ class QLoRALinear(nn.Module):
         lora = nn.functional.linear(nn.functional.linear(x, self.lora_b.to(x.dtype)), self.lora_a.to(x.dtype))
         return y + (self.alpha / self.rank) * lora
 
+    def set_bits_unsupported(self) -> str | None:
+        return set_bits_unsupported(self.weight_quantizer)
+
     @torch.no_grad()
     def set_bits(self, bits: int) -> None:
         """Re-round the frozen integers onto a ``bits``-wide grid over the same range."""
@@ -420,11 +439,12 @@ def _refresh_weight(layer: QLoRALinear, incompatible: Any) -> None:
 
 def _int_weight(layer: LowRankQuantLinear | QLoRALinear) -> IntWeight:
     q = layer.weight_quantizer
-    qmin, qmax = q.int_grid()
     scale, zero = q.export_qparams()
-    ints = layer.weight_int().round().to(int_dtype(qmin, qmax))
+    ints, scale, bits = odd_if_stretched(q, layer.weight_int().round(), scale)
+    qmin, qmax = F.int_range(bits, bool(q.signed))
+    ints = ints.to(int_dtype(qmin, qmax))
     iq = frozen_copy(layer.input_quantizer)
-    return IntWeight(ints, scale, zero, q.nbits, bool(q.signed), q.granularity, q.axis, q.group_size, iq)
+    return IntWeight(ints, scale, zero, bits, bool(q.signed), q.granularity, q.axis, q.group_size, iq)
 
 
 @torch.no_grad()

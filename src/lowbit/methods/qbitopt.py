@@ -9,10 +9,9 @@ layer ``l`` and per scale element ``k`` of its weight quantizer (per tensor, cha
 ``Tr(F_lk)`` is the EMA (``momentum``) over training steps of ``Σ_i (∂L/∂w_i)²`` over the weights ``i`` of
 scale element ``k``: the squared gradients of the latent weights that QAT computes anyway (FIT), read
 through each layer's ``watch_weight_grad`` (for LR-QAT: the gradient w.r.t. its dequantized weight).
-``range_lk = |s_lk| · (qmax − qmin)`` is read at each allocation (``set_bits`` keeps it). The alternative
-``sensitivity: hutchinson`` replaces ``Tr(F_lk)`` by Hutchinson's estimate of the Hessian trace,
-``E_v[v ⊙ Hv]`` with Rademacher ``v`` (HAWQ-v2), over ``probe_batches`` batches at each allocation,
-clipped at 0; it needs Hessian-vector products, so it runs on the torch-ops path.
+``range_lk = |s_lk| · (qmax − qmin)`` is read at each allocation (``set_bits`` keeps it). ``sensitivity:
+hutchinson`` replaces ``Tr(F_lk)`` by Hutchinson's Hessian trace ``E_v[v ⊙ Hv]`` (Rademacher ``v``, HAWQ-v2)
+over ``probe_batches`` batches at each allocation, clipped at 0 (Hessian-vector products: torch ops).
 
 Budgets, exactly one (every allocation is checked against the model itself afterwards):
 
@@ -25,9 +24,8 @@ Budgets, exactly one (every allocation is checked against the model itself after
   the input quantizer's bits, 32 where the input stays float). Activation bits are not allocated.
 
 Allocation (``lowbit.methods.qbitopt_solve``): ``min Σ_l Ω_l(b_l)`` subject to the budget, ``b_l`` in
-``candidates``; ``solver: relaxed`` is the paper's convex relaxation with feasible rounding,
-``exact`` the integer optimum (HiGHS). Both always meet the budget; an infeasible one is a
-``ConfigError`` naming the smallest feasible value.
+``candidates``; ``solver: relaxed`` is the paper's convex relaxation with feasible rounding, ``exact`` the
+integer optimum (HiGHS). Both meet the budget; an infeasible one is a ConfigError naming the smallest one.
 
 Loop. At the start of QAT the widths are uniform (``init: uniform``: the widest candidate that fits,
 then the rounding's greedy fill by the weights' own quantization error where the budget leaves room)
@@ -168,12 +166,14 @@ class QBitOpt:
         self._collect = True
         self._losses: Callable[[int], Iterator[Tensor]] | None = None
 
-    # -- the method contract ---------------------------------------------------------------------------
+    # -- the method contract: unsupported, attach, ... --------------------------------------------------
     def unsupported(self, layer: nn.Module) -> str | None:
         if getattr(layer, "weight_quantizer", None) is None:
             return None  # a float weight is left alone
         if layer.weight_quantizer.spec.binary is not None:
             return "its weight is on the binary grid {-s, +s}, which has no other bit widths to allocate"
+        if why := getattr(layer, "set_bits_unsupported", lambda: None)():  # e.g. LR-QAT's frozen zero point
+            return why
         if isinstance(w := getattr(layer, "weight", None), nn.Parameter) and not w.requires_grad:
             return (f"{type(layer).__name__}'s weight is frozen (a quantized embedding under freeze_unquantized), so "
                     "no gradient measures its sensitivity: leave quant.embedding out or train the table")  # fmt: skip

@@ -53,12 +53,13 @@ def _subsample(rows: Tensor) -> Tensor:
 
 
 def _minmax_params(
-    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool
+    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool, stretched: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Scale and zero point per row for the range ``[lo, hi]`` (``lo <= 0 <= hi``)."""
+    """Scale and zero point per row for the range ``[lo, hi]`` (``lo <= 0 <= hi``); the stretched grid's
+    outermost level is ``(qmax + ½)·s``."""
     tiny = torch.finfo(torch.float32).tiny
     if symmetric:
-        denom = float(qmax) if qmax > 0 else float(-qmin)
+        denom = qmax + 0.5 if stretched else float(qmax) if qmax > 0 else float(-qmin)
         amax = torch.maximum(hi, -lo) if qmin < 0 else hi
         return (amax / denom).clamp_min(1e-8 if amax.max() > 0 else 1.0), None
     s = ((hi - lo) / float(qmax - qmin)).clamp_min(tiny)
@@ -67,8 +68,11 @@ def _minmax_params(
     return s, z
 
 
-def _row_error(rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, p: float) -> Tensor:
-    q = F.fake_quantize(rows, s[:, None], z[:, None] if z is not None else None, qmin, qmax)
+def _row_error(
+    rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, p: float, stretched: bool = False
+) -> Tensor:
+    half = 0.5 * s[:, None] if stretched else 0.0  # the stretched grid: the ordinary one shifted by half a step
+    q = F.fake_quantize(rows - half, s[:, None], z[:, None] if z is not None else None, qmin, qmax) + half
     return (q - rows).abs().pow(p).mean(dim=1)
 
 
@@ -81,15 +85,16 @@ def _search(
     hi = rows.amax(dim=1).clamp_min(0.0)
     p = spec.p if spec.init == "lp" else 2.0
     sub = _subsample(rows)
-    s, z = _minmax_params(lo, hi, qmin, qmax, symmetric)
+    st = spec.stretched
+    s, z = _minmax_params(lo, hi, qmin, qmax, symmetric, st)
     if spec.init == "minmax":
-        return s, z, _row_error(sub, s, z, qmin, qmax, p)
+        return s, z, _row_error(sub, s, z, qmin, qmax, p, st)
     best_err = torch.full_like(s, float("inf"))
     n = spec.num_candidates
     for k in range(1, n + 1):
         c = k / n
-        cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, symmetric)
-        err = _row_error(sub, cs, cz, qmin, qmax, p)
+        cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, symmetric, st)
+        err = _row_error(sub, cs, cz, qmin, qmax, p, st)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         s = torch.where(better, cs, s)
@@ -123,7 +128,7 @@ def init_range(q: Quantizer, x: Tensor) -> None:
         return
     if spec.symmetric == "auto":
         _choose_grid(q, rows)
-    elif spec.signed is None and spec.symmetric:
+    elif spec.signed is None and spec.symmetric and not spec.stretched:  # stretched: always the signed k
         q.signed.fill_(bool(rows.min() < 0))
     qmin, qmax = q.int_grid()
     s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec)

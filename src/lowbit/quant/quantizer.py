@@ -7,6 +7,10 @@ State (all created at construction, so ``state_dict``, ``.to()``, DDP and resume
 - ``scale``: a parameter when learned (LSQ), else a buffer; shape ``()`` per tensor, ``(C,)`` per
   channel along ``axis``, ``(rows, cols // group_size)`` per group of a 2-D view of the tensor.
 - ``zero_point``: asymmetric quantizers only; a parameter when learned (LSQ+), rounded in use.
+- the stretched grid (``spec.stretched``, weights only): levels ``(k + ½)·s`` on the signed grid of ``k``,
+  computed on the integer path as ``k = clip(round_STE((x − s/2)/s))``, ``(k + ½)·s`` (one rounding, as the
+  exported ``(2k + 1)·(s/2)``); autograd gives the LSQ gradient of the stretched grid (``round(u) − u``
+  with ``u = x/s − ½`` inside, ``k + ½`` where clipped).
 - ``initialized``: whether the range was set from data.
 
 The integer slot: ``int_transform`` is an optional submodule ``f(x_int, quantizer) -> x_int`` that
@@ -58,6 +62,10 @@ class Quantizer(nn.Module):
         self.group_size = spec.group_size
         self.symmetric = spec.symmetric is not False  # symmetric: auto starts symmetric (see use_grid)
         self.shape = tuple(shape) if shape is not None else None
+        self.stretched = spec.stretched
+        if spec.stretched and shape is None:
+            raise ConfigError("the stretched grid (stretched: true) has no level at 0, which suits weights only: "
+                              "set stretched: false for activations")  # fmt: skip
         scale_shape = self._scale_shape(shape, channels)
         signed = spec.signed if spec.signed is not None else self.symmetric
         self.register_buffer("bits", torch.tensor(spec.bits, dtype=torch.int64))
@@ -197,7 +205,7 @@ class Quantizer(nn.Module):
         qmin, qmax = self.int_grid()
         nmin, nmax = F.int_range(bits, bool(self.signed))
         if keep_range and (nmin, nmax) != (qmin, qmax):
-            ratio = (qmax - qmin) / (nmax - nmin)
+            ratio = (qmax - qmin + self.stretched) / (nmax - nmin + self.stretched)  # stretched: 2^b steps wide
             if self.zero_point is not None:
                 self.zero_point.copy_(nmin + (self.zero_point - qmin) / ratio)
             self.scale.mul_(ratio)
@@ -232,13 +240,18 @@ class Quantizer(nn.Module):
         xv = self.view(x)
         t = self.int_transform
         offset16 = z is not None and self.spec.offset == "float16"
-        if not offset16 and (t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())):
+        sp = F.positive_scale(s, F.SCALE_EPS)
+        if self.stretched:
+            xv = xv - 0.5 * sp  # the stretched grid: the ordinary one shifted by half a step
+        fast = not offset16 and not self.stretched  # stretched: (k + ½)·s in one rounding, as its export computes
+        if fast and (t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())):
             return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
         x_int = F.quantize_ste(xv, s, z, qmin, qmax)
         if t is not None:
             x_int = t(x_int, self)
+        if self.stretched:
+            return ((x_int + 0.5) * sp).reshape(x.shape)
         zi = F.zero_point_int(z, qmin, qmax)
-        sp = F.positive_scale(s, F.SCALE_EPS)
         if offset16:  # s·q + float16(−s·z), as integer modules and GGUF's Q4_1 compute it
             return (x_int * sp + F.offset_float16(sp, zi)).reshape(x.shape)
         y = (x_int - zi) * sp if zi is not None else x_int * sp
@@ -254,7 +267,10 @@ class Quantizer(nn.Module):
         else:
             qmin, qmax = self.int_grid()
             s, z = self.qparams(x, qmax)
-            x_int = F.quantize_ste(self.view(x), s, z, qmin, qmax)
+            xv = self.view(x)
+            if self.stretched:
+                xv = xv - 0.5 * F.positive_scale(s, F.SCALE_EPS)
+            x_int = F.quantize_ste(xv, s, z, qmin, qmax)
         if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
         return x_int.reshape(x.shape)
@@ -289,5 +305,5 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         gran = self.granularity + (f"({self.group_size})" if self.granularity == "group" else "")
-        kind = "sym" if self.symmetric else "asym"
+        kind = "stretched" if self.stretched else "sym" if self.symmetric else "asym"
         return f"bits={int(self.bits)}, {kind}, signed={bool(self.signed)}, {gran}"

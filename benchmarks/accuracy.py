@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -85,7 +88,23 @@ def one_run(
     recipe = recipe_from_dict(apply_overrides(base, overrides))
     tag = "" if ingredient == "base" else f"-{ingredient}"
     run_dir = RUNS_DIR / "bench-accuracy" / f"{model}-w{bits}a{bits}{tag}-e{qat_epochs:g}-seed{seed}"
-    return run(recipe, run_dir, progress=not args.no_progress)
+    done = _finished(run_dir, recipe_to_dict(recipe))
+    # the benchmark's own scratch directory: a run that did not finish, or another recipe's, is redone
+    return done if done is not None else run(recipe, run_dir, progress=not args.no_progress, force=True)
+
+
+def _finished(run_dir: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a finished run of the same recipe there (thread count aside), else None."""
+    summary, config = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    try:  # read through the recipe parser: fields added since take their defaults
+        old = recipe_to_dict(recipe_from_dict(yaml.safe_load(config.read_text())))
+    except Exception:  # noqa: BLE001 - a config this lowbit cannot read is simply not reused
+        return None
+    if {**old, "threads": None} != {**recipe, "threads": None}:
+        return None
+    return json.loads(summary.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

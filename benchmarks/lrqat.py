@@ -62,14 +62,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_DIR, machine_line, markdown_table, peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lrqat.md"
-SETTINGS = {  # name: (bits, granularity, group_size); "a": the asymmetric grid, "-kd": + distillation
+SETTINGS = {  # name: (bits, granularity, group_size); "a": asymmetric grid, "s": stretched, "-kd": + distillation
     "w4pc": (4, "channel", None),
     "w3pc": (3, "channel", None),
     "w3g64": (3, "group", 64),
     "w2g64": (2, "group", 64),
     "w2g64a": (2, "group", 64),
+    "w2g64s": (2, "group", 64),
     "w2g64-kd": (2, "group", 64),
     "w2g64a-kd": (2, "group", 64),
+    "w2g64s-kd": (2, "group", 64),
 }
 ROWS = ("fp32", "fp32_ft", "rtn", "scales_only", "full_qat", "qlora", "lrqat", "lrqat_int")
 FLOAT_ROWS = ("fp32", "fp32_ft")  # one per table, not per setting
@@ -93,9 +95,9 @@ MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "random-llama": "a random LL
 def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     """The recipe mapping of one row: causal_lm defaults, the row's quant section, steps and learning rates."""
     bits, gran, gs = SETTINGS[setting]
-    asymmetric = setting.split("-")[0].endswith("a")  # the asymmetric grid, its zero point frozen in LR-QAT
+    grid = setting.split("-")[0][-1]  # "a": asymmetric (zero point frozen in LR-QAT), "s": stretched (ParetoQ)
     weight: dict[str, Any] | None = {"bits": bits, "granularity": gran, "group_size": gs, "init": "lp",
-                                     "symmetric": not asymmetric}  # fmt: skip
+                                     "symmetric": grid != "a", "stretched": grid == "s"}  # fmt: skip
     lowrank: dict[str, Any] | None = {
         "rank": args.rank, "alpha": 1.0, "phi": "fixed_point8", "variant": "lrqat", "recompute": True,
     }  # fmt: skip
@@ -135,6 +137,7 @@ def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, An
         # evaluate only at the end, checkpoint only there: nothing but training steps in the timed span
         "qat": {"steps": steps, "lr": lr, "scale_lr": scale_lr, "eval_every": max(steps, 1)},
         "checkpoint_every": 0,
+        "threads": args.threads,
         "methods": [{"name": PROBE, "device": args.device}]
         + ([{"name": "distill"}] if setting.endswith("-kd") and steps > 0 else []),
     }
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", default="shakespeare", help="training corpus: shakespeare, kjv or file:PATH")
     p.add_argument("--other-corpus", default="kjv", help="the corpus scored but never trained on")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     p.add_argument("--block-checkpoint", action="store_true", help="gradient checkpointing of the decoder blocks")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
     p.add_argument("--runs", type=Path, default=RUNS_DIR / "benchmarks-lrqat", help="scratch run directories")

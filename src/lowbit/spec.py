@@ -26,7 +26,8 @@ stream, GELU outputs). Symmetric where it is enough keeps integer kernels free o
 Its values are not integers times ``s``, but ``(2k + 1)·(s/2)`` are: converted models hold the odd
 integers ``2k + 1`` at half the scale on a ``b+1``-bit signed grid, so every export (lowbit's file, ONNX,
 GGUF's Q4_0 for 2 and 3 bits in groups of 32 with float16 scales) is exact, at one more stored bit per
-weight in lowbit's own file.
+weight in lowbit's own file. (GGUF: where ``s/2`` falls below float16's normal range, ``s < 1.2e−4``, it
+is not a float16 number, and the export refuses the layer unless told to round its scales.)
 
 ``offset``: how an asymmetric grid's zero point enters: ``integer`` (``s·(q − z)``, what ONNX and lowbit's
 other exports hold) or ``float16`` (``s·q + m`` as above; GGUF's Q4_1 only).

@@ -349,3 +349,27 @@ def test_a_float_model_is_written_as_floats_or_round_to_nearest_blocks(tmp_path:
     assert not np.array_equal(rtn["blk.0.ffn_up.weight"], w)
     with pytest.raises(ConfigError, match="float_linears='int4'"):
         export_gguf(model, tmp_path / "x.gguf", float_linears="int4")
+
+
+@pytest.mark.parametrize("lowrank", [None, LowRankSpec(rank=4)])
+def test_a_stretched_2_bit_grid_is_written_as_q4_0_exactly(tmp_path: Path, lowrank: LowRankSpec | None) -> None:
+    """ParetoQ's zero-free grid (k + 1/2)·s exports as the odd integers ±1, ±3 at s/2: Q4_0 blocks hold them,
+    exactly wherever s/2 is a float16 number (not for s below float16's normal range, 1.2e-4: such a layer is
+    refused unless round_scales; this random model has one, in v_proj)."""
+    spec = QuantSpec(bits=2, stretched=True, granularity="group", group_size=32, scale_dtype="float16", init="lp")
+    model = _llama(spec, lowrank)
+    with pytest.raises(ConfigError, match="v_proj.*not float16 numbers"):
+        export_gguf(model, tmp_path / "refused.gguf")
+    path = export_gguf(model, tmp_path / "m.gguf", round_scales=True)
+    got = read_gguf_weights(path)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    exact = 0
+    for i, block in enumerate(model.model.layers):
+        for hf, short in (("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"), ("mlp.gate_proj", "ffn_gate")):
+            qw = block.get_submodule(hf).qweight
+            assert set(qw.weight_int.unique().tolist()) <= {-3, -1, 1, 3}
+            assert types[f"blk.{i}.{short}.weight"] == "Q4_0"
+            if torch.equal(qw.weight_scale.half().float(), qw.weight_scale):  # s/2 is float16: the file is exact
+                np.testing.assert_array_equal(got[f"blk.{i}.{short}.weight"], block.get_submodule(hf).weight.numpy())
+                exact += 1
+    assert exact >= 3

@@ -29,8 +29,8 @@ process's real peak while training, including the ~0.4 GiB of torch and Python).
 run (loading, preparation, evaluations, ``convert``) goes to the JSONL as ``run_peak_mib``. s / step: the
 mean after the first min(3, steps − 1) steps; no evaluation or checkpoint falls inside it.
 Caveat (DATA.md): SmolLM2-135M's linear weights were Q4_1 (asymmetric 4-bit in blocks of 32), so 4-bit
-group-32 is artificially lossless here; the settings below avoid it. Its widths (576, 1536) have no
-group of 128 (576 = 4.5 × 128), so the group settings use 64, the nearest size that divides them.
+group-32 is artificially lossless here; the settings below avoid it. Its width 576 is 4.5 groups of 128:
+the ``g128`` settings end each row of 576 inputs with a ragged group of 64 (``lowbit.quant.quantizer``).
 
     .venv/bin/python benchmarks/lrqat.py [--settings w4pc w3g64] [--steps 50] [--seq-len 256]
         [--batch-size 1] [--device cpu|cuda] [--block-checkpoint]
@@ -72,6 +72,9 @@ SETTINGS = {  # name: (bits, granularity, group_size); "a": asymmetric grid, "s"
     "w2g64-kd": (2, "group", 64),
     "w2g64a-kd": (2, "group", 64),
     "w2g64s-kd": (2, "group", 64),
+    "w2g128": (2, "group", 128),
+    "w2g128a": (2, "group", 128),
+    "w2g128s": (2, "group", 128),
 }
 ROWS = ("fp32", "fp32_ft", "rtn", "scales_only", "full_qat", "qlora", "lrqat", "lrqat_int")
 FLOAT_ROWS = ("fp32", "fp32_ft")  # one per table, not per setting
@@ -473,8 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         + "."
         + (
             " Caveat: SmolLM2-135M's linear weights were Q4_1 (asymmetric 4-bit, blocks of 32 along the input), "
-            "so 4-bit group-32 would be artificially lossless; these settings avoid it. Group size 64 stands in "
-            "for 128, which does not divide the model's width 576."
+            "so 4-bit group-32 would be artificially lossless; these settings avoid it. Groups of 128 over the "
+            "width 576 end with a ragged group of 64."
             if args.model == "smollm2"
             else ""
         )

@@ -146,7 +146,7 @@ def test_transformers_config_and_json_path(tmp_path: Path) -> None:
         (dict(method="lrqat", rank=0), "rank"),
         (dict(method="lrqat", rank=9), "rank"),  # above the smallest layer dimension (4)
         (dict(method="lrqat", batch=0), "batch"),
-        (dict(method="lrqat", granularity="group", group_size=3), "group_size"),
+        (dict(method="lrqat", granularity="group", group_size=0), "group_size"),
         (dict(method="lrqat", granularity="tensor"), "granularity"),
     ],
 )

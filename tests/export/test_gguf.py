@@ -373,3 +373,12 @@ def test_a_stretched_2_bit_grid_is_written_as_q4_0_exactly(tmp_path: Path, lowra
                 np.testing.assert_array_equal(got[f"blk.{i}.{short}.weight"], block.get_submodule(hf).weight.numpy())
                 exact += 1
     assert exact >= 3
+
+
+def test_a_ragged_last_group_is_written_as_its_blocks(tmp_path: Path) -> None:
+    """Groups of 64 over 96 inputs (down_proj): the last group is one block of 32 with its own scale."""
+    model = _llama(QuantSpec(bits=4, granularity="group", group_size=64, scale_dtype="float16", init="minmax"))
+    down = model.model.layers[0].mlp.down_proj
+    assert down.qweight.weight_scale.shape == (64, 2)
+    got = read_gguf_weights(export_gguf(model, tmp_path / "m.gguf"))
+    np.testing.assert_array_equal(got["blk.0.ffn_down.weight"], down.weight.numpy())

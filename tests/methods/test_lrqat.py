@@ -143,7 +143,7 @@ def test_only_adapters_and_scales_train() -> None:
 @pytest.mark.parametrize(
     "granularity, group_size, phi, symmetric",
     [("channel", None, "fixed_point8", True), ("group", 16, "int", True), ("group", 16, "fixed_point8", False),
-     ("channel", None, "bf16", False)],
+     ("channel", None, "bf16", False), ("group", 20, "int", True), ("group", 20, "fixed_point8", False)],
 )  # fmt: skip
 def test_convert_is_exact_after_training(
     tmp_path: Path, granularity: str, group_size: int | None, phi: str, symmetric: bool
@@ -181,6 +181,8 @@ def test_convert_is_exact_after_training(
         ("tensor", None, 3, "int", True),
         ("group", 16, 2, "fixed_point8", False),
         ("channel", None, 3, "int", False),
+        ("group", 20, 2, "fixed_point8", True),  # ragged last groups: 32 = 20 + 12, 48 = 20 + 20 + 8
+        ("group", 20, 3, "int", False),
     ],
 )
 def test_recomputing_function_gives_autograds_gradients(
@@ -233,8 +235,6 @@ def test_recomputing_function_with_bias_and_batched_input() -> None:
 def test_bad_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="rank=40"):
         lrqat(_model(), rank=40)
-    with pytest.raises(ConfigError, match="group_size"):
-        lrqat(_model(), rank=2, granularity="group", group_size=7)
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     with pytest.raises(ConfigError, match="lowrank .*applies to Linear layers, not Conv2d"):
         lowbit.prepare(conv, QuantConfig(act=None, lowrank=LowRankSpec(rank=2)))

@@ -77,17 +77,22 @@ def test_per_channel_linear_weight(axis: int) -> None:
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("shape,group_size", [((4, 12), 4), ((3, 16), 8), ((4, 2, 3, 3), 6)])
+@pytest.mark.parametrize(
+    "shape,group_size", [((4, 12), 4), ((3, 16), 8), ((4, 2, 3, 3), 6), ((3, 13), 4), ((2, 2, 3, 3), 7), ((2, 5), 8)]
+)  # the last three have a ragged last group (5 of 13, 4 of 18, and one group of 5 for 8)
 def test_per_group_naive_loop(shape: tuple[int, ...], group_size: int) -> None:
     w = _weight(*shape, seed=2)
     q = _ready(QuantSpec(bits=4, granularity="group", group_size=group_size, init="minmax"), w)
     rows, cols = shape[0], w[0].numel()
-    assert q.scale.shape == (rows, cols // group_size)
+    groups = -(-cols // group_size)
+    assert q.scale.shape == (rows, groups)
     s = _scale(q)
-    out = q(w).reshape(rows, cols)
+    out = q(w)
+    assert out.shape == w.shape
+    out = out.reshape(rows, cols)
     flat = w.reshape(rows, cols)
     for r in range(rows):
-        for j in range(cols // group_size):
+        for j in range(groups):
             seg = flat[r, j * group_size : (j + 1) * group_size]
             assert s[r, j].item() == pytest.approx(seg.abs().max().item() / 7, rel=1e-6)
             expected = F.fake_quantize(seg, s[r, j], None, -8, 7)
@@ -105,9 +110,24 @@ def test_per_group_uses_its_own_scale() -> None:
     torch.testing.assert_close(out, w)
 
 
-def test_group_size_must_divide() -> None:
-    with pytest.raises(ValueError, match="group_size=5"):
-        Quantizer(QuantSpec(bits=4, granularity="group", group_size=5), (4, 12))
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, granularity="group", group_size=5, init="mse"),
+                                  QuantSpec(bits=3, granularity="group", group_size=5, symmetric=False),
+                                  QuantSpec(bits=2, granularity="group", group_size=5, stretched=True)])  # fmt: skip
+def test_a_ragged_last_group_is_its_own_quantizer(spec: QuantSpec) -> None:
+    """The padding of a ragged group changes nothing: its scale, values and gradients are those of a
+    per-channel quantizer of the ragged slice alone."""
+    w = _weight(3, 12, seed=7)
+    q = _ready(spec, w)
+    alone = _ready(spec.replace(granularity="channel", group_size=None), w[:, 10:].contiguous())
+    torch.testing.assert_close(q.scale.detach()[:, 2], alone.scale.detach(), rtol=0, atol=0)
+    wq, wa = w.clone().requires_grad_(True), w[:, 10:].clone().requires_grad_(True)
+    out, ref = q(wq), alone(wa)
+    assert torch.equal(out[:, 10:], ref)
+    up = torch.randn(3, 12, generator=torch.Generator().manual_seed(8))
+    (out * up).sum().backward()
+    (ref * up[:, 10:]).sum().backward()
+    torch.testing.assert_close(wq.grad[:, 10:], wa.grad)
+    torch.testing.assert_close(q.scale.grad[:, 2], alone.scale.grad)
 
 
 def test_group_needs_shape() -> None:

@@ -269,9 +269,7 @@ def _check_layer(where: str, spec: Any, layers: dict[str, Any]) -> None:
         _int(f"{where}.axis", axis, -ndim, ndim - 1)
         cols = math.prod(shape[1:])
         if granularity == "group":
-            _int(f"{where}.group_size", group_size, 1, cols)
-            if cols % group_size:
-                raise _fail(f"{where}.group_size", group_size, f"a divisor of the row length {cols}")
+            _int(f"{where}.group_size", group_size, 1, cols)  # the last group may be ragged
         elif group_size is not None:
             raise _fail(f"{where}.group_size", group_size, "null unless granularity is 'group'")
         _check_grid(where, spec)

@@ -143,7 +143,8 @@ def _block_scales(name: str, qw: Any, rows: int, cols: int, round_scales: bool, 
         if g % BLOCK:
             raise ConfigError(f"layer {name!r}: group_size={g}; GGUF's Q4_0 / Q8_0 blocks hold {BLOCK} values "
                               f"with one scale, so groups must be a multiple of {BLOCK} (train with format: q4_0)")
-        per_block = s.reshape(rows, cols // g).repeat_interleave(g // BLOCK, dim=1)
+        # a ragged last group (cols not a multiple of g, but of 32) covers only its first blocks
+        per_block = s.reshape(rows, -1).repeat_interleave(g // BLOCK, dim=1)[:, : cols // BLOCK]
     out = per_block.contiguous().numpy()
     if not round_scales and not np.array_equal(out.astype(np.float16).astype(np.float32), out):
         raise ConfigError(f"layer {name!r}: its scales are not float16 numbers, and GGUF stores float16 scales: "

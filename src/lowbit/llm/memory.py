@@ -9,7 +9,7 @@ layers, ``a`` heads of size ``d``, ``kv`` key/value heads, ``V`` vocabulary, ``N
 Weights. The model's own parameters are held in ``dtype``. lrqat / scales_only store ``Φ0`` at
 1 byte per weight (``fixed_point8``), 2 (``bf16``), 4 (``fp32``) or ``bits/8`` packed (``int``);
 qlora stores int8 integers plus a cached float32 dequantized weight (1 + 4 bytes). Adapters
-``r·(out+in)`` and scales (``out`` per channel, ``out·in/group_size`` per group) are float32. Embeddings,
+``r·(out+in)`` and scales (``out`` per channel, ``out·⌈in/group_size⌉`` per group) are float32. Embeddings,
 norms and the head are frozen in lrqat / scales_only / qlora and train in fp32 / full_qat.
 Gradients have the bytes of the trainable parameters; AdamW keeps two states like each parameter (as
 ``torch.optim.AdamW`` does), so float32 adapters cost 16 bytes per value and a bf16 model trained in
@@ -243,8 +243,8 @@ def estimate_training_memory(
     ad, kvd = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = [(ad, h), (kvd, h), (kvd, h), (h, ad), (i, h), (i, h), (h, i)]  # (out, in) of q k v o gate up down
     if granularity == "group":
-        ok = isinstance(group_size, int) and group_size > 0 and all(n % group_size == 0 for _, n in shapes)
-        _check(ok, "group_size", group_size, f"use a positive divisor of every input size ({h}, {ad}, {i})")
+        ok = isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0
+        _check(ok, "group_size", group_size, "a positive integer (a last group the inputs do not fill is ragged)")
     else:
         _check(group_size is None, "group_size", group_size, "None unless granularity='group'")
     _check(
@@ -256,7 +256,7 @@ def estimate_training_memory(
     e = _DTYPES[dtype]
     weights = sum(o * n for o, n in shapes)  # W: weights of the 7 linears of one block
     g = group_size if granularity == "group" else None
-    scales = sum(o * (n // g if g else 1) for o, n in shapes)  # (out,) per channel, (out, in / g) per group
+    scales = sum(o * (-(-n // g) if g else 1) for o, n in shapes)  # (out,) per channel, (out, ⌈in / g⌉) per group
     adapters = sum(rank * (o + n) for o, n in shapes)
     floats = (vocab * h * (2 - c["tied"]) + (2 * layers + 1) * h) * e  # embeddings, head, norms
     if method in ("eval", "fp32", "full_qat"):

@@ -76,7 +76,7 @@ def _scale_grad(grad_w: Tensor, w_int: Tensor, scale: Tensor, granularity: str, 
     prod = grad_w * w_int
     if granularity == "group":
         assert group_size is not None
-        return prod.reshape(prod.shape[0], -1, group_size).sum(-1).reshape(scale.shape)
+        return F.pad_groups(prod, scale.shape[-1], group_size).sum(-1).reshape(scale.shape)
     if granularity == "channel":
         return prod.sum(1).reshape(scale.shape)
     return prod.sum().reshape(scale.shape)
@@ -108,7 +108,7 @@ def _grid_units(w0: Tensor, spec: QuantSpec) -> tuple[Quantizer, Tensor]:
         q.zero_point.requires_grad_(False)
         q.zero_point.copy_(q.zero_point.clamp(qmin, qmax).round())
         units = units + q.zero_point_view(w0)
-    return q, units.reshape(w0.shape)
+    return q, q.unview(units, w0.shape)
 
 
 def _frozen_zero(q: Quantizer) -> Tensor | None:
@@ -284,7 +284,7 @@ class LowRankQuantLinear(nn.Module):
             t = t + (self.alpha / self.rank) * (self.lora_a @ self.lora_b)
         w = F.round_ste(t).clamp(qmin, qmax)
         if transform and q.int_transform is not None:
-            w = q.int_transform(q.view(w), q).reshape(w.shape)
+            w = q.unview(q.int_transform(q.view(w), q), w.shape)
         return w
 
     def quantized_weight(self) -> Tensor:

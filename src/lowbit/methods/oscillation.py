@@ -169,11 +169,12 @@ def dampening_loss(w: Tensor, q: Quantizer, aggregation: str = "kernel_mean") ->
         s, z = q.qparams(w, qmax)
         zi = F.zero_point_int(z, qmin, qmax)
         sp = F.positive_scale(s, F.SCALE_EPS)
-        target = F.dequantize(q.view(q.quantize_ste(w)), sp, zi)  # the bin centre (frozen ints included)
+        half = 0.5 if q.stretched else 0.0  # the stretched grid's levels are (k + ½)·s
+        target = F.dequantize(q.view(q.quantize_ste(w)) + half, sp, zi)  # the bin centre (frozen ints included)
         zero = zi if zi is not None else 0.0
-        lo, hi = (qmin - zero) * sp, (qmax - zero) * sp
+        lo, hi = (qmin + half - zero) * sp, (qmax + half - zero) * sp
     wv = q.view(w)
-    err = (target - torch.clamp(wv, lo, hi)).pow(2)
+    err = q.unview((target - torch.clamp(wv, lo, hi)).pow(2), w.shape)  # a ragged group's padding dropped
     if aggregation == "sum":
         return err.sum()
     if aggregation == "mean":

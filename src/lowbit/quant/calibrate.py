@@ -33,23 +33,32 @@ def range_rows(q: Quantizer, x: Tensor) -> Tensor:
     x = x.detach().float()
     if q.granularity == "tensor":
         return x.reshape(1, -1)
-    if q.granularity == "group":
-        return x.reshape(-1, q.group_size)  # (rows * groups, group_size)
+    if q.granularity == "group":  # (rows * groups, group_size), a ragged last group zero-padded (see _valid)
+        return q.view(x).reshape(-1, q.group_size)
     axis = q.axis
     if q.shape is None and x.dim() > 1 and axis == 0:
         axis = 1  # activations (N, C, ...)
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _subsample(rows: Tensor) -> Tensor:
+def _valid(q: Quantizer, x: Tensor) -> Tensor | None:
+    """1 where ``range_rows`` holds data and 0 at a ragged last group's padding (None: no padding). The
+    padding's zeros leave min-max alone, but not every grid holds 0 (the stretched one does not), so errors
+    are averaged over the data only."""
+    if q.granularity != "group" or q.scale.shape[-1] * q.group_size == x[0].numel():
+        return None
+    return q.view(torch.ones_like(x, dtype=torch.float32)).reshape(-1, q.group_size)
+
+
+def _subsample(rows: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
     if rows.numel() <= MAX_CALIB_ELEMENTS:
-        return rows
+        return rows, valid
     per_row = max(MAX_CALIB_ELEMENTS // rows.shape[0], 1024)
     if per_row >= rows.shape[1]:
-        return rows
+        return rows, valid
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(rows.shape[1], generator=gen)[:per_row]
-    return rows[:, idx]
+    return rows[:, idx], (valid[:, idx] if valid is not None else None)
 
 
 def _minmax_params(
@@ -69,32 +78,34 @@ def _minmax_params(
 
 
 def _row_error(
-    rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, p: float, stretched: bool = False
-) -> Tensor:
+    rows: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, p: float, stretched: bool = False,
+    valid: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     half = 0.5 * s[:, None] if stretched else 0.0  # the stretched grid: the ordinary one shifted by half a step
     q = F.fake_quantize(rows - half, s[:, None], z[:, None] if z is not None else None, qmin, qmax) + half
-    return (q - rows).abs().pow(p).mean(dim=1)
+    err = (q - rows).abs().pow(p)
+    return err.mean(dim=1) if valid is None else (err * valid).sum(dim=1) / valid.sum(dim=1)
 
 
 def _search(
-    rows: Tensor, qmin: int, qmax: int, symmetric: bool, spec: QuantSpec
+    rows: Tensor, qmin: int, qmax: int, symmetric: bool, spec: QuantSpec, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Per row: the scale and zero point of ``spec.init`` for the grid ``qmin..qmax``, and their error
     (``mean |q(x) − x|^p`` on the subsample; p = 2 for ``minmax`` and ``mse``)."""
     lo = rows.amin(dim=1).clamp_max(0.0)
     hi = rows.amax(dim=1).clamp_min(0.0)
     p = spec.p if spec.init == "lp" else 2.0
-    sub = _subsample(rows)
+    sub, valid = _subsample(rows, valid)
     st = spec.stretched
     s, z = _minmax_params(lo, hi, qmin, qmax, symmetric, st)
     if spec.init == "minmax":
-        return s, z, _row_error(sub, s, z, qmin, qmax, p, st)
+        return s, z, _row_error(sub, s, z, qmin, qmax, p, st, valid)
     best_err = torch.full_like(s, float("inf"))
     n = spec.num_candidates
     for k in range(1, n + 1):
         c = k / n
         cs, cz = _minmax_params(lo * c, hi * c, qmin, qmax, symmetric, st)
-        err = _row_error(sub, cs, cz, qmin, qmax, p, st)
+        err = _row_error(sub, cs, cz, qmin, qmax, p, st, valid)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         s = torch.where(better, cs, s)
@@ -131,7 +142,7 @@ def init_range(q: Quantizer, x: Tensor) -> None:
     elif spec.signed is None and spec.symmetric and not spec.stretched:  # stretched: always the signed k
         q.signed.fill_(bool(rows.min() < 0))
     qmin, qmax = q.int_grid()
-    s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec)
+    s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec, _valid(q, x))
     q.scale.copy_(s.reshape(q.scale.shape))
     if q.zero_point is not None and z is not None:
         q.zero_point.copy_(z.reshape(q.zero_point.shape))

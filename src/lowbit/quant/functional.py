@@ -44,6 +44,7 @@ __all__ = [
     "lsq_grad_factor",
     "zero_point_int",
     "dequantize_weight",
+    "pad_groups",
     "int_dtype",
     "SCALE_EPS",
 ]
@@ -310,9 +311,9 @@ def dequantize_weight(
     what is trained equals what is exported bit for bit.
     """
     qf = q.to(torch.float32)
-    if granularity == "group":
+    if granularity == "group":  # (rows, groups, group_size), a ragged last group zero-padded (Quantizer.view)
         assert group_size is not None
-        view = qf.reshape(q.shape[0], -1, group_size)  # (rows, groups, group_size)
+        view = pad_groups(qf, scale.shape[-1], group_size)
         s = scale.unsqueeze(-1)
         z = zero_point.unsqueeze(-1) if zero_point is not None else None
     else:
@@ -325,9 +326,20 @@ def dequantize_weight(
         else:
             s, z = scale, zero_point
     if offset16 and z is not None:  # s·q + float16(−s·z): GGUF Q4_1's arithmetic (``offset: float16``)
-        return (view * s + offset_float16(s, z)).reshape(q.shape)
-    out = (view - z) * s if z is not None else view * s
+        out = view * s + offset_float16(s, z)
+    else:
+        out = (view - z) * s if z is not None else view * s
+    if granularity == "group":  # drop a ragged last group's padding
+        out = out.reshape(q.shape[0], -1)[:, : q[0].numel()]
     return out.reshape(q.shape)
+
+
+def pad_groups(t: Tensor, groups: int, group_size: int) -> Tensor:
+    """``t`` (rows, ...) as ``(rows, groups, group_size)``, its rows zero-padded to ``groups · group_size``."""
+    flat = t.reshape(t.shape[0], -1)
+    if (pad := groups * group_size - flat.shape[1]) > 0:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(t.shape[0], groups, group_size)
 
 
 def int_dtype(qmin: int, qmax: int) -> torch.dtype:

@@ -5,7 +5,9 @@ State (all created at construction, so ``state_dict``, ``.to()``, DDP and resume
 - ``bits`` (0-d int buffer) and ``signed`` (0-d bool buffer): the integer grid. Changing ``bits`` at
   run time (``set_bits``) never re-swaps modules; the grid is derived from these two on each call.
 - ``scale``: a parameter when learned (LSQ), else a buffer; shape ``()`` per tensor, ``(C,)`` per
-  channel along ``axis``, ``(rows, cols // group_size)`` per group of a 2-D view of the tensor.
+  channel along ``axis``, ``(rows, ⌈cols / group_size⌉)`` per group of a 2-D view of the tensor. A last
+  group that the row does not fill (SmolLM2's 576 inputs in groups of 128) is ragged: ``view`` pads it
+  with zeros, which every grid holds exactly and which ``unview`` drops again, so they carry no gradient.
 - ``zero_point``: asymmetric quantizers only; a parameter when learned (LSQ+), rounded in use.
 - the stretched grid (``spec.stretched``, weights only): levels ``(k + ½)·s`` on the signed grid of ``k``,
   computed on the integer path as ``k = clip(round_STE((x − s/2)/s))``, ``(k + ½)·s`` (one rounding, as the
@@ -134,19 +136,24 @@ class Quantizer(nn.Module):
         rows, cols = shape[0], int(torch.Size(shape[1:]).numel())
         gs = self.group_size
         assert gs is not None
-        if cols % gs != 0:
-            raise ValueError(
-                f"group_size={gs} does not divide the input dimension {cols} of a tensor of shape {shape}: "
-                f"use a divisor of {cols}, or granularity='channel'"
-            )
-        return (rows, cols // gs)
+        return (rows, -(-cols // gs))  # the last group may be ragged (see the module docstring)
 
     def view(self, x: Tensor) -> Tensor:
-        """``x`` reshaped so that the scale broadcasts against it."""
+        """``x`` reshaped so that the scale broadcasts against it; per group ``(rows, groups, group_size)``,
+        a ragged last group padded with zeros."""
         if self.granularity == "group":
-            rows = x.shape[0]
-            return x.reshape(rows, -1, self.group_size)  # (rows, cols // group_size, group_size)
+            flat = x.reshape(x.shape[0], -1)
+            pad = self.scale.shape[-1] * self.group_size - flat.shape[1]
+            if pad:
+                flat = nn.functional.pad(flat, (0, pad))
+            return flat.reshape(flat.shape[0], -1, self.group_size)
         return x
+
+    def unview(self, v: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """The inverse of ``view``: ``v`` back in ``shape``, a ragged last group's padding dropped."""
+        if self.granularity == "group" and v.numel() != torch.Size(shape).numel():
+            v = v.reshape(shape[0], -1)[:, : torch.Size(shape[1:]).numel()]
+        return v.reshape(shape)
 
     def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
         """Reshape a scale-shaped tensor so it broadcasts against ``self.view(x)``."""
@@ -245,17 +252,17 @@ class Quantizer(nn.Module):
             xv = xv - 0.5 * sp  # the stretched grid: the ordinary one shifted by half a step
         fast = not offset16 and not self.stretched  # stretched: (k + ½)·s in one rounding, as its export computes
         if fast and (t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())):
-            return F.fake_quantize(xv, s, z, qmin, qmax).reshape(x.shape)
+            return self.unview(F.fake_quantize(xv, s, z, qmin, qmax), x.shape)
         x_int = F.quantize_ste(xv, s, z, qmin, qmax)
         if t is not None:
             x_int = t(x_int, self)
         if self.stretched:
-            return ((x_int + 0.5) * sp).reshape(x.shape)
+            return self.unview((x_int + 0.5) * sp, x.shape)
         zi = F.zero_point_int(z, qmin, qmax)
         if offset16:  # s·q + float16(−s·z), as integer modules and GGUF's Q4_1 compute it
-            return (x_int * sp + F.offset_float16(sp, zi)).reshape(x.shape)
+            return self.unview(x_int * sp + F.offset_float16(sp, zi), x.shape)
         y = (x_int - zi) * sp if zi is not None else x_int * sp
-        return y.reshape(x.shape)
+        return self.unview(y, x.shape)
 
     def quantize_ste(self, x: Tensor, transform: bool = True) -> Tensor:
         """Integers of ``x`` (float dtype, straight-through gradients), after ``int_transform`` unless
@@ -273,7 +280,7 @@ class Quantizer(nn.Module):
             x_int = F.quantize_ste(xv, s, z, qmin, qmax)
         if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
-        return x_int.reshape(x.shape)
+        return self.unview(x_int, x.shape)
 
     def binary_scale(self, x: Tensor) -> Tensor:
         """The binary grid's ``s``, broadcastable against ``x``: the learned or unit scale, or ``mean |x|`` per

@@ -147,8 +147,6 @@ def test_prepare_errors() -> None:
         lowbit.prepare(model, QuantConfig(act=None))
     with pytest.raises(ConfigError, match="empty"):
         lowbit.prepare(_convnet(), QuantConfig(), calib=[])
-    with pytest.raises(ConfigError, match="group_size=3"):
-        lowbit.prepare(_convnet(), QuantConfig(weight=QuantSpec(granularity="group", group_size=3), act=None))
     with pytest.raises(ConfigError, match="QuantConfig"):
         lowbit.prepare(_convnet(), {"weight": None})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="nn.Sequential"):

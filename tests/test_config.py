@@ -135,7 +135,7 @@ methods:
     path.write_text(text)
     r = load_recipe(path)
     weight = QuantSpec(bits=2, granularity="channel", init="minmax")
-    act = QuantSpec(bits=4)
+    act = QuantSpec(bits=4, symmetric="auto")  # QuantConfig's default activation grid, merged with bits: 4
     assert r.quant.weight == weight and r.quant.act == act
     classifier, first, third = r.quant.rules
     # the rule's partial spec inherits every other field from the config's weight spec

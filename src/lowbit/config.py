@@ -134,7 +134,7 @@ class QuantConfig:
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, granularity="channel"))
-    act: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4))
+    act: QuantSpec | None = field(default_factory=lambda: QuantSpec(bits=4, symmetric="auto"))
     rules: tuple[Rule, ...] = ()
     first_last_bits: int | None = None
     lowrank: LowRankSpec | None = None

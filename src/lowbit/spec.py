@@ -15,11 +15,13 @@ to another value than the format's is an error naming both):
   ``offset: float16``: a value is ``s·q + m`` with ``m = float16(−s·z)``, the float16 minimum Q4_1 stores
   per block (rounded in training too, with a straight-through gradient), so the file is the trained grid.
 
-``symmetric: auto``: the grid is chosen per quantizer from its calibration data (activations, where the
-data differ from layer to layer): non-negative data take the unsigned grid; signed data take the symmetric
-signed grid unless the asymmetric grid's calibration error (the same range search) is below
-``AUTO_ASYMMETRIC_RATIO`` times its error, which happens when the data are skewed to one side (a residual
-stream, GELU outputs). Symmetric where it is enough keeps integer kernels free of zero-point terms.
+``symmetric: auto`` (the default of ``QuantConfig.act``): the grid is chosen per quantizer from its
+calibration data (activations, where the data differ from layer to layer): non-negative data take the
+unsigned grid; signed data take the symmetric signed grid unless the asymmetric grid's calibration error
+(the same range search) is below ``AUTO_ASYMMETRIC_RATIO`` times its error, which happens when the data are
+skewed to one side (a residual stream, GELU outputs). Symmetric where it is enough keeps integer kernels
+free of zero-point terms. A spec whose other fields fix the grid (``signed``, ``binary``, ``format``,
+``stretched``) resolves ``auto`` to ``true``.
 
 ``stretched``: the zero-free symmetric grid of ParetoQ (Liu et al. 2025, "SEQ"): levels ``(k + ½)·s`` for
 ``k = −2^(b−1) .. 2^(b−1)−1`` (2 bits: ``{±½, ±3⁄2}·s``), every level in use and none at 0. Weights only.
@@ -105,6 +107,8 @@ class QuantSpec:
     stretched: bool = False  # the zero-free grid (k + 1/2)·s (ParetoQ), weights only (module docstring)
 
     def __post_init__(self) -> None:
+        if self.symmetric == "auto" and (self.binary or self.format or self.stretched or self.signed is not None):
+            object.__setattr__(self, "symmetric", True)  # another field fixes the grid: nothing left to choose
         if self.format is not None:
             _check(self.format in GGUF_FORMATS, "format", self.format, f"null or one of {tuple(GGUF_FORMATS)}")
             defaults = {f.name: f.default for f in dataclasses.fields(QuantSpec)}
@@ -117,9 +121,6 @@ class QuantSpec:
         _check(self.offset in OFFSETS, "offset", self.offset, f"one of {OFFSETS}")
         _check(any(self.symmetric is v for v in SYMMETRIC[:2]) or self.symmetric == "auto", "symmetric",
                self.symmetric, "true, false or auto (chosen per quantizer from the calibration data)")
-        if self.symmetric == "auto":
-            why = "null with symmetric: auto (the grid and its signedness come from the data)"
-            _check(self.signed is None, "signed", self.signed, why)
         _check(self.offset == "integer" or self.symmetric is False, "offset", self.offset,
                "'integer' for a symmetric grid (a float16 offset needs symmetric: false)")  # fmt: skip
         check_int("bits", self.bits, 1, 8)

@@ -102,17 +102,29 @@ def test_only_auto_quantizers_switch() -> None:
         Quantizer(QuantSpec(bits=4)).use_grid(False, False)
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [{"symmetric": "yes"}, {"symmetric": 1}, {"symmetric": "auto", "signed": True},
-     {"symmetric": "auto", "format": "q4_0"}, {"symmetric": "auto", "offset": "float16"},
-     {"symmetric": "auto", "bits": 1, "binary": {}}],
-)  # fmt: skip
+@pytest.mark.parametrize("fields", [{"symmetric": "yes"}, {"symmetric": 1}, {"symmetric": "auto", "offset": "float16"}])
 def test_spec_rejects(fields: dict) -> None:
     from lowbit.validate import build_dataclass
 
     with pytest.raises(ConfigError):
         build_dataclass(QuantSpec, fields, "quant.act")
+
+
+@pytest.mark.parametrize(
+    "fields, symmetric",
+    [({"signed": True}, True), ({"format": "q4_0"}, True), ({"format": "q4_1"}, False),
+     ({"bits": 1, "binary": {}}, True), ({"bits": 3}, "auto")],
+)  # fmt: skip
+def test_auto_resolves_where_other_fields_fix_the_grid(fields: dict, symmetric: object) -> None:
+    """The recipe default (act: symmetric auto) merged with fields that fix the grid: no error, their grid."""
+    from lowbit.validate import build_dataclass
+
+    spec = build_dataclass(QuantSpec, fields, "quant.act", inherit_from=QuantSpec(bits=4, symmetric="auto"))
+    assert spec.symmetric == symmetric and type(spec.symmetric) is type(symmetric)
+
+
+def test_the_default_activation_grid_is_auto() -> None:
+    assert QuantConfig().act.symmetric == "auto"
 
 
 class _Skewed(nn.Module):

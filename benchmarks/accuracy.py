@@ -49,6 +49,7 @@ INGREDIENTS: dict[str, tuple[list[str], list[str]]] = {
         [],
     ),
     "warmup": (["qat.warmup=0.1"], []),  # linear warm-up over the first 10 % of QAT, then cosine
+    "bnre": ([], ["{name: bn_reestimation, num_batches: 50}"]),  # batch-norm statistics re-estimated after QAT
     "autogrid": (["quant.act.symmetric=auto"], []),  # asymmetric activation grids where the data are skewed
     "osc": (  # constant lr (where the oscillation methods mattered) + iterative freezing + BN re-estimation
         ["qat.schedule=constant"],
@@ -88,6 +89,10 @@ def one_run(
     recipe = recipe_from_dict(apply_overrides(base, overrides))
     tag = "" if ingredient == "base" else f"-{ingredient}"
     run_dir = RUNS_DIR / "bench-accuracy" / f"{model}-w{bits}a{bits}{tag}-e{qat_epochs:g}-seed{seed}"
+    if args.table_only:  # the finished run's summary, whatever lowbit version wrote it
+        if not (run_dir / "summary.json").is_file():
+            raise SystemExit(f"--table-only: {run_dir} has not finished")
+        return json.loads((run_dir / "summary.json").read_text())
     done = _finished(run_dir, recipe_to_dict(recipe))
     # the benchmark's own scratch directory: a run that did not finish, or another recipe's, is redone
     return done if done is not None else run(recipe, run_dir, progress=not args.no_progress, force=True)
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qat-epochs", nargs="+", type=float, default=[1])
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. qat.lr=0.01")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--table-only", action="store_true", help="the table from finished runs only; run nothing")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     for ing in args.ingredients:

@@ -166,11 +166,12 @@ def test_activation_qdq_equals_the_input_quantizer(tmp_path: Path, bits: int, si
 def test_group_wise_weights_use_block_size(tmp_path: Path) -> None:
     group = QuantSpec(bits=4, granularity="group", group_size=8)
     rules = [lowbit.Rule(match="0", weight=QuantSpec(bits=4, granularity="channel")),
-             lowbit.Rule(match="3", weight=group.replace(group_size=3))]  # (8, 1, 3, 3): groups of 3 of 9
+             lowbit.Rule(match="3", weight=group.replace(group_size=3)),  # (8, 1, 3, 3): groups of 3 of 9
+             lowbit.Rule(match="7", weight=group.replace(group_size=30))]  # 1568 = 52 × 30 + a ragged 8
     model = _prepared("tiny", group, QuantSpec(bits=4), rules=rules)
     path = export_onnx(model, tmp_path / "m.onnx", X[:1])
     int_model = lowbit.convert(model)
-    for name, block in [("7", 8), ("3", 3)]:
+    for name, block in [("7", 30), ("3", 3)]:
         qw = dict(quantized_layers(int_model))[name].qweight
         dq = next(n for n in onnx.load(str(path)).graph.node if n.name == f"{name}.weight_dq")
         assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": block}

@@ -37,7 +37,9 @@ saves only the layer input and recomputes ``Ŵ`` in the backward pass, so no ful
 gradient written out (``∂L/∂(AB) = (α/r)·s·∂L/∂Ŵ ⊙ 1[qmin ≤ round(·) ≤ qmax]``, ``∂L/∂s = Σ ∂L/∂Ŵ ⊙
 W_int``), equal to autograd's through the plain path (tested); it does what the paper's
 ``torch.utils.checkpoint`` wrapper does at about a third of the per-layer operator count, which is
-what a small model's step time is made of. ``checkpoint=False`` is the plain autograd path.
+what a small model's step time is made of. ``checkpoint=False`` is the plain autograd path. Both compile
+with ``torch.compile(fullgraph=True)`` (dynamo traces the function, layer argument and hand-written backward
+included); ``phi_bits`` is then the Python int kept beside the buffer, as the quantizer keeps its grid.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ class LowRankQuantLinear(nn.Module):
         # a frozen parameter rather than a buffer, so FSDP shards it with the rest (lowbit.distributed)
         self.phi0 = nn.Parameter(self.codec.encode(ratio, spec.bits, bool(q.signed)), requires_grad=False)
         self.register_buffer("phi_bits", torch.tensor(spec.bits, dtype=torch.int64))  # the grid Φ0 is in
+        self._keep_phi_bits(spec.bits)
         self.lora_a = nn.Parameter(torch.zeros(out_f, rank, device=w0.device), requires_grad=rank > 0)
         self.lora_b = nn.Parameter(torch.empty(rank, in_f, device=w0.device), requires_grad=rank > 0)
         if rank > 0:
@@ -255,13 +258,18 @@ class LowRankQuantLinear(nn.Module):
         return new.train(mod.training)
 
     def _phi_bits(self) -> int:
-        """``phi_bits`` as a Python int, cached on the buffer's identity and version (no device sync)."""
-        key = (id(self.phi_bits), self.phi_bits._version)
-        cached = self.__dict__.get("_phi_bits_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, int(self.phi_bits))
-            self.__dict__["_phi_bits_cache"] = cached
-        return cached[1]
+        """``phi_bits`` as a Python int, cached on the buffer's identity and version (no device sync); under
+        ``torch.compile`` the kept value as it is, like ``Quantizer.int_grid`` (refreshed by ``set_bits`` and
+        ``load_state_dict``)."""
+        if torch.compiler.is_compiling():
+            return self.__dict__["_phi_bits_value"]
+        if self.__dict__.get("_phi_bits_key") != (id(self.phi_bits), self.phi_bits._version):
+            self._keep_phi_bits(int(self.phi_bits))
+        return self.__dict__["_phi_bits_value"]
+
+    def _keep_phi_bits(self, bits: int) -> None:
+        self.__dict__["_phi_bits_key"] = (id(self.phi_bits), self.phi_bits._version)
+        self.__dict__["_phi_bits_value"] = bits
 
     def phi0_float(self) -> Tensor:
         """``Φ0`` upcast to float32, (out, in)."""
@@ -336,6 +344,7 @@ class LowRankQuantLinear(nn.Module):
         q.set_bits(bits)  # keep_range: s' = s·ratio
         self.phi0 = nn.Parameter(self.codec.encode(old / ratio, bits, bool(q.signed)), requires_grad=False)
         self.phi_bits.fill_(bits)
+        self._keep_phi_bits(bits)
         self.lora_a.div_(ratio)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -344,6 +353,7 @@ class LowRankQuantLinear(nn.Module):
         if isinstance(incoming, Tensor) and incoming.shape != self.phi0.shape and incoming.dtype == self.phi0.dtype:
             self.phi0 = nn.Parameter(torch.empty_like(incoming, device=self.phi0.device), requires_grad=False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_phi_bits(int(self.phi_bits))  # the loaded grid, before any compiled call asks
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha:g}, phi={self.phi}"

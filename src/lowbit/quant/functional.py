@@ -193,7 +193,11 @@ def _flat(t: Tensor | None) -> Tensor:
 
 def _fused_layout(x: Tensor, s: Tensor, zero_point: Tensor | None) -> tuple[int, int, int] | None:
     """``(outer, C, inner)`` when the fused kernel applies: float32 CPU contiguous ``x``, and a scale
-    that varies along one contiguous block of dimensions (per tensor, channel or group)."""
+    that varies along one contiguous block of dimensions (per tensor, channel or group). Never under
+    ``torch.compile``: the kernel is a pybind call that dynamo cannot trace (a graph break), and the torch
+    ops it replaces give the same values and are what the compiler fuses."""
+    if torch.compiler.is_compiling():
+        return None
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
         return None
     if s.dtype != torch.float32 or (zero_point is not None and zero_point.shape != s.shape):

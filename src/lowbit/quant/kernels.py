@@ -6,7 +6,8 @@ close to a float step on CPU (see
 ``benchmarks/step_time.py``). It builds with the system C++ compiler through
 ``torch.utils.cpp_extension`` into torch's extension cache (about a minute, once per machine). If it
 cannot be built, or ``LOWBIT_FUSED=0`` is set, lowbit uses the equivalent torch ops: same values, same
-gradients up to float summation order, slower.
+gradients up to float summation order, slower. Code under ``torch.compile`` uses the torch ops too: dynamo
+cannot trace a pybind call, and the compiler fuses those ops itself (``functional._fused_layout``).
 """
 
 from __future__ import annotations

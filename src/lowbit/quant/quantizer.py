@@ -15,6 +15,11 @@ State (all created at construction, so ``state_dict``, ``.to()``, DDP and resume
   with ``u = x/s − ½`` inside, ``k + ½`` where clipped).
 - ``initialized``: whether the range was set from data.
 
+Under ``torch.compile`` the grid is never read from the buffers (that would be a data-dependent Python
+value, a graph break): ``int_grid`` returns the Python ``(qmin, qmax)`` it keeps, which construction,
+``set_bits``, ``use_grid`` and ``load_state_dict`` refresh eagerly, and which the compiled graph guards on
+(a new bit width recompiles). Change the grid through those, not by writing the buffers in place.
+
 The integer slot: ``int_transform`` is an optional submodule ``f(x_int, quantizer) -> x_int`` that
 methods install (weight freezing, bit reallocation, ...). When it is set, ``forward`` goes through the
 integer path ``dequantize(f(quantize_ste(x)))``; when it is not, through the single-node fast path
@@ -86,6 +91,7 @@ class Quantizer(nn.Module):
             self._add_zero_point()
         self.int_transform = None
         self.observed: list[Tensor] | None = None  # set only while calibrating (see lowbit.api)
+        self._keep_grid(spec.bits, bool(signed))  # the values just stored (no read back from the buffers)
 
     def _add_zero_point(self) -> None:
         self.__dict__.pop("zero_point", None)  # the plain None attribute of a symmetric grid
@@ -108,6 +114,7 @@ class Quantizer(nn.Module):
             self._add_zero_point()
         self.symmetric = symmetric
         self.signed.fill_(bool(signed) and symmetric)
+        self._keep_grid(int(self.bits), bool(signed) and symmetric)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         if self.spec.symmetric == "auto":  # the grid the saved quantizer chose (a zero point: asymmetric)
@@ -115,6 +122,7 @@ class Quantizer(nn.Module):
             if has_zero != (self.zero_point is not None):
                 self.use_grid(not has_zero, bool(self.signed))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        self._keep_grid(int(self.bits), bool(self.signed))  # the loaded grid, before any compiled call asks
 
     # -- shapes ---------------------------------------------------------------------------------
     def _scale_shape(self, shape: tuple[int, ...] | None, channels: int | None) -> tuple[int, ...]:
@@ -181,15 +189,24 @@ class Quantizer(nn.Module):
         Reading a GPU buffer into Python waits for the device, and a training step asks hundreds of
         times, so the answer is kept until either buffer is replaced (``.to``, ``load_state_dict``) or
         written in place (``set_bits``, ``fill_``, ``copy_``: each bumps the tensor's version counter).
+        Under ``torch.compile`` the kept answer is returned as it is (see the module docstring).
         """
         if self.spec.binary is not None:
             return -1, 1  # the integers of the binary grid are -1 and +1 (0 is not one of them)
+        if torch.compiler.is_compiling():  # no tensor reads: the kept grid, a constant the graph guards on
+            return self.__dict__["_grid"]
         key = (id(self.bits), self.bits._version, id(self.signed), self.signed._version)
-        cached = self.__dict__.get("_grid_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, F.int_range(int(self.bits), bool(self.signed)))
-            self.__dict__["_grid_cache"] = cached
-        return cached[1]
+        if self.__dict__.get("_grid_key") != key:
+            self._keep_grid(int(self.bits), bool(self.signed))
+        return self.__dict__["_grid"]
+
+    def _keep_grid(self, bits: int, signed: bool) -> None:
+        """Keep the grid of ``bits`` and ``signed`` (the buffers' current values) for ``int_grid``.
+
+        The grid and the buffers' key live in ``__dict__`` apart, so a compiled graph guards on the two
+        integers only, not on identities and versions (which ``.to()`` changes without changing the grid)."""
+        self.__dict__["_grid_key"] = (id(self.bits), self.bits._version, id(self.signed), self.signed._version)
+        self.__dict__["_grid"] = F.int_range(bits, signed)
 
     @property
     def nbits(self) -> int:
@@ -217,6 +234,7 @@ class Quantizer(nn.Module):
                 self.zero_point.copy_(nmin + (self.zero_point - qmin) / ratio)
             self.scale.mul_(ratio)
         self.bits.fill_(bits)
+        self._keep_grid(bits, bool(self.signed))
 
     def scale_value(self) -> Tensor:
         """The scale as every path uses it: the stored one rounded to ``spec.scale_dtype`` (float16 for GGUF's

@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, machine_line, markdown_table  # noqa: E402
+from common import LSQ_BASELINE, RUNS_DIR, machine_line, markdown_table  # noqa: E402
 
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from lowbit.run import run  # noqa: E402
@@ -74,7 +74,7 @@ def ingredient_overrides(name: str) -> list[str]:
 
 def one_run(
     model: str, bits: int, seed: int, ingredient: str, qat_epochs: float, args: argparse.Namespace
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     base = recipe_to_dict(load_recipe(RECIPE))
     overrides = [
         f"model.name={model}",
@@ -83,16 +83,16 @@ def one_run(
         f"qat.epochs={qat_epochs}",
         f"quant.weight.bits={bits}",
         f"quant.act.bits={bits}",
+        *LSQ_BASELINE,  # "base" is plain LSQ; the ingredients add to it
         *ingredient_overrides(ingredient),
         *args.set,
     ]
     recipe = recipe_from_dict(apply_overrides(base, overrides))
     tag = "" if ingredient == "base" else f"-{ingredient}"
     run_dir = RUNS_DIR / "bench-accuracy" / f"{model}-w{bits}a{bits}{tag}-e{qat_epochs:g}-seed{seed}"
-    if args.table_only:  # the finished run's summary, whatever lowbit version wrote it
-        if not (run_dir / "summary.json").is_file():
-            raise SystemExit(f"--table-only: {run_dir} has not finished")
-        return json.loads((run_dir / "summary.json").read_text())
+    if args.table_only:  # the finished run's summary, whatever lowbit version wrote it (None: not run)
+        f = run_dir / "summary.json"
+        return json.loads(f.read_text()) if f.is_file() else None
     done = _finished(run_dir, recipe_to_dict(recipe))
     # the benchmark's own scratch directory: a run that did not finish, or another recipe's, is redone
     return done if done is not None else run(recipe, run_dir, progress=not args.no_progress, force=True)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--qat-epochs", nargs="+", type=float, default=[1])
     p.add_argument("--set", nargs="*", default=[], help="more recipe overrides, e.g. qat.lr=0.01")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--table-only", action="store_true", help="the table from finished runs only; run nothing")
+    p.add_argument("--table-only", action="store_true", help="the table of the finished runs; run nothing")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     for ing in args.ingredients:
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             for epochs in args.qat_epochs:
                 for ing in args.ingredients:
                     runs = [one_run(model, bits, seed, ing, epochs, args) for seed in args.seeds]
+                    if any(r is None for r in runs):  # --table-only: a combination not (fully) run is left out
+                        continue
                     fl = [r["float_metric"] for r in runs]
                     qa = [r["quant_metric"] for r in runs]
                     delta = [q - f for q, f in zip(qa, fl, strict=True)]
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         "# LSQ QAT accuracy vs float (Fashion-MNIST test set)\n\n"
         f"{datetime.date.today()} · {machine_line()} · seeds {args.seeds} · float {args.float_epochs} epochs "
         f"(cached), first/last layer 8 bit, extra overrides {args.set or 'none'}; quantized accuracy is the "
-        "converted integer model's\n\n"
+        "converted integer model's. QAT seconds are as logged by each run; runs that shared the cores with "
+        "other jobs make them no timing (benchmarks/step_time.py measures speed)\n\n"
         f"`python benchmarks/accuracy.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         f"{markdown_table(header, rows)}\n"
     )

@@ -41,6 +41,7 @@ from lowbit.tasks.vision import VisionTask, subset_data
 
 __all__ = [
     "RUNS_DIR",
+    "LSQ_BASELINE",
     "float_recipe",
     "load_data",
     "float_model",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"  # runs/ is git-ignored; the cache is runs/.cache/
+# overrides that make the default recipe plain LSQ QAT (it adds per-channel depthwise inputs and distillation):
+# the baseline the method benchmarks measure against, as their published tables did
+LSQ_BASELINE = ("quant.rules=[]", "methods=[]")
 
 
 # -- the float checkpoint ----------------------------------------------------------------------------

@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, interleaved_median_times, machine_line, markdown_table, qat_step  # noqa: E402
+from common import (  # noqa: E402
+    LSQ_BASELINE,
+    RUNS_DIR,
+    interleaved_median_times,
+    machine_line,
+    markdown_table,
+    qat_step,
+)
 
 from lowbit.api import prepare  # noqa: E402
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
@@ -74,6 +81,7 @@ def one_run(label: str, method: dict[str, Any], bits: int, seed: int, args: argp
         f"qat.epochs={args.qat_epochs}",
         f"quant.weight.bits={bits}",
         f"quant.act.bits={bits}",
+        *LSQ_BASELINE,
         *args.set,
     ]
     d = apply_overrides(base, overrides)
@@ -101,7 +109,7 @@ def step_times(bits: int, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
-    recipe = load_recipe(RECIPE, [f"quant.weight.bits={bits}", f"quant.act.bits={bits}"])
+    recipe = load_recipe(RECIPE, [f"quant.weight.bits={bits}", f"quant.act.bits={bits}", *LSQ_BASELINE])
     steps = {}
     for label, method in {"LSQ without tracking": None, **variants(args)}.items():
         model = build_model(recipe.model.name, num_classes=10, **recipe.model.args)

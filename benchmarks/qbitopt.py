@@ -36,7 +36,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, cpu_model, interleaved_median_times, machine_line, markdown_table, qat_step  # noqa: E402
+from common import (  # noqa: E402
+    LSQ_BASELINE,
+    RUNS_DIR,
+    cpu_model,
+    interleaved_median_times,
+    machine_line,
+    markdown_table,
+    qat_step,
+)
 
 from lowbit.api import prepare  # noqa: E402
 from lowbit.config import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
@@ -76,7 +84,8 @@ def recipe_for(model: str, variant: str, budget: float, seed: int, args: argpars
     base = recipe_to_dict(load_recipe(RECIPE))
     bits = int(budget)  # uniform at the budget; QBitOpt starts there (or at floor(budget)) and allocates
     d = apply_overrides(base, [f"model.name={model}", f"seed={seed}", f"qat.epochs={args.qat_epochs}",
-                               f"quant.weight.bits={bits}", f"quant.act.bits={args.act_bits}", *args.set])  # fmt: skip
+                               f"quant.weight.bits={bits}", f"quant.act.bits={args.act_bits}", *LSQ_BASELINE,
+                               *args.set])  # fmt: skip
     d["methods"] = method_of(variant, budget, args.tau)
     d["name"] = f"qbitopt-{model}"
     return recipe_from_dict(d)
@@ -108,7 +117,8 @@ def step_times(model_name: str, args: argparse.Namespace) -> tuple[dict[str, flo
     """Median seconds of a QAT step, plain and with QBitOpt's hooks; and of one allocation per variant."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
-    recipe = load_recipe(RECIPE, [f"model.name={model_name}", "quant.weight.bits=3", f"quant.act.bits={args.act_bits}"])
+    recipe = load_recipe(RECIPE, [f"model.name={model_name}", "quant.weight.bits=3", f"quant.act.bits={args.act_bits}",
+                                  *LSQ_BASELINE])  # fmt: skip
     steps, allocations = {}, {}
     for variant in ("uniform", "relaxed", "exact", "hutchinson"):
         torch.manual_seed(0)

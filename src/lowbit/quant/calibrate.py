@@ -114,16 +114,19 @@ def _search(
     return s, z, best_err
 
 
-def _choose_grid(q: Quantizer, rows: Tensor) -> None:
+def _choose_grid(q: Quantizer, rows: Tensor) -> tuple[Tensor, Tensor | None] | None:
     """``symmetric: auto``: the unsigned grid for non-negative data; for signed data the symmetric signed
-    grid unless the asymmetric one's error is below ``AUTO_ASYMMETRIC_RATIO`` times its error."""
+    grid unless the asymmetric one's error is below ``AUTO_ASYMMETRIC_RATIO`` times its error. Returns the
+    chosen grid's searched scale and zero point (None for the unsigned grid, not searched here)."""
     if not bool(rows.min() < 0):
         q.use_grid(True, False)
-        return
+        return None
     bits = q.nbits
-    sym = _search(rows, *F.int_range(bits, True), True, q.spec)[2].sum()
-    asym = _search(rows, *F.int_range(bits, False), False, q.spec)[2].sum()
-    q.use_grid(not bool(asym < AUTO_ASYMMETRIC_RATIO * sym), True)
+    sym = _search(rows, *F.int_range(bits, True), True, q.spec)
+    asym = _search(rows, *F.int_range(bits, False), False, q.spec)
+    use_asym = bool(asym[2].sum() < AUTO_ASYMMETRIC_RATIO * sym[2].sum())
+    q.use_grid(not use_asym, True)
+    return asym[:2] if use_asym else sym[:2]
 
 
 @torch.no_grad()
@@ -137,12 +140,14 @@ def init_range(q: Quantizer, x: Tensor) -> None:
             q.scale.copy_(rows.abs().mean(dim=1).reshape(q.scale.shape))
         q.initialized.fill_(True)
         return
-    if spec.symmetric == "auto":
-        _choose_grid(q, rows)
-    elif spec.signed is None and spec.symmetric and not spec.stretched:  # stretched: always the signed k
-        q.signed.fill_(bool(rows.min() < 0))
-    qmin, qmax = q.int_grid()
-    s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec, _valid(q, x))
+    chosen = _choose_grid(q, rows) if spec.symmetric == "auto" else None
+    if spec.symmetric != "auto" and spec.signed is None and spec.symmetric and not spec.stretched:
+        q.signed.fill_(bool(rows.min() < 0))  # stretched: always the signed k
+    if chosen is not None:
+        s, z = chosen
+    else:
+        qmin, qmax = q.int_grid()
+        s, z, _ = _search(rows, qmin, qmax, q.symmetric, spec, _valid(q, x))
     q.scale.copy_(s.reshape(q.scale.shape))
     if q.zero_point is not None and z is not None:
         q.zero_point.copy_(z.reshape(q.zero_point.shape))

@@ -150,11 +150,7 @@ class Quantizer(nn.Module):
         """``x`` reshaped so that the scale broadcasts against it; per group ``(rows, groups, group_size)``,
         a ragged last group padded with zeros."""
         if self.granularity == "group":
-            flat = x.reshape(x.shape[0], -1)
-            pad = self.scale.shape[-1] * self.group_size - flat.shape[1]
-            if pad:
-                flat = nn.functional.pad(flat, (0, pad))
-            return flat.reshape(flat.shape[0], -1, self.group_size)
+            return F.pad_groups(x, self.scale.shape[-1], self.group_size)
         return x
 
     def unview(self, v: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
@@ -265,13 +261,11 @@ class Quantizer(nn.Module):
         xv = self.view(x)
         t = self.int_transform
         offset16 = z is not None and self.spec.offset == "float16"
-        sp = F.positive_scale(s, F.SCALE_EPS)
-        if self.stretched:
-            xv = xv - 0.5 * sp  # the stretched grid: the ordinary one shifted by half a step
         fast = not offset16 and not self.stretched  # stretched: (k + ½)·s in one rounding, as its export computes
         if fast and (t is None or (callable(getattr(t, "passthrough", None)) and t.passthrough())):
             return self.unview(F.fake_quantize(xv, s, z, qmin, qmax), x.shape)
-        x_int = F.quantize_ste(xv, s, z, qmin, qmax)
+        sp = F.positive_scale(s, F.SCALE_EPS)
+        x_int = F.quantize_ste(self._shift(xv, sp), s, z, qmin, qmax)
         if t is not None:
             x_int = t(x_int, self)
         if self.stretched:
@@ -281,6 +275,10 @@ class Quantizer(nn.Module):
             return self.unview(x_int * sp + F.offset_float16(sp, zi), x.shape)
         y = (x_int - zi) * sp if zi is not None else x_int * sp
         return self.unview(y, x.shape)
+
+    def _shift(self, xv: Tensor, sp: Tensor) -> Tensor:
+        """The stretched grid is the ordinary one shifted by half a step: ``x − s/2`` (others: ``x``)."""
+        return xv - 0.5 * sp if self.stretched else xv
 
     def quantize_ste(self, x: Tensor, transform: bool = True) -> Tensor:
         """Integers of ``x`` (float dtype, straight-through gradients), after ``int_transform`` unless
@@ -292,10 +290,7 @@ class Quantizer(nn.Module):
         else:
             qmin, qmax = self.int_grid()
             s, z = self.qparams(x, qmax)
-            xv = self.view(x)
-            if self.stretched:
-                xv = xv - 0.5 * F.positive_scale(s, F.SCALE_EPS)
-            x_int = F.quantize_ste(xv, s, z, qmin, qmax)
+            x_int = F.quantize_ste(self._shift(self.view(x), F.positive_scale(s, F.SCALE_EPS)), s, z, qmin, qmax)
         if transform and self.int_transform is not None:
             x_int = self.int_transform(x_int, self)
         return self.unview(x_int, x.shape)

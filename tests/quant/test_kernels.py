@@ -95,3 +95,24 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
         torch.set_num_threads(before)
     assert torch.equal(out[0][0], out[1][0])
     assert torch.equal(out[0][1], out[1][1])
+
+
+def test_second_derivatives_through_the_kernel_are_refused_not_wrong() -> None:
+    """The C++ node's backward is not differentiable: create_graph must fail loudly, and the torch-ops
+    path (``kernels.torch_ops()``) gives the second derivative."""
+    x = torch.randn(16, 8, requires_grad=True)
+    s = torch.tensor(0.2, requires_grad=True)
+    (g,) = torch.autograd.grad(F.fake_quantize(x, s, None, -8, 7).square().sum(), s, create_graph=False)
+    assert torch.isfinite(g)
+    with pytest.raises(RuntimeError, match="torch_ops"):
+        torch.autograd.grad(F.fake_quantize(x, s, None, -8, 7).square().sum(), s, create_graph=True)
+    with kernels.torch_ops():
+        (g2,) = torch.autograd.grad(F.fake_quantize(x, s, None, -8, 7).square().sum(), s, create_graph=True)
+        (h,) = torch.autograd.grad(g2, s)
+    torch.testing.assert_close(g2.detach(), g, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(h)
+
+
+def test_the_kernel_is_one_autograd_node_with_no_python_backward() -> None:
+    y = F.fake_quantize(torch.randn(4, 6, requires_grad=True), torch.tensor(0.1, requires_grad=True), None, -8, 7)
+    assert y.grad_fn is not None and y.grad_fn.name().startswith("torch::autograd::CppNode")

@@ -116,26 +116,18 @@ SCALE_EPS = 1e-8
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """LSQ / LSQ+ fake quantization as one autograd node (see the module docstring).
+    """LSQ / LSQ+ fake quantization as one autograd node of torch ops (see the module docstring), where
+    the fused CPU kernel does not apply (``fake_quantize`` picks).
 
     ``scale`` arrives raw: the node uses ``s = max(|scale|, eps)`` and passes the gradient back through
     ``|.|`` (sign 0 counts as +1, so a scale at 0 still moves). ``qmin``/``qmax`` are Python numbers.
-    With the fused CPU kernel (``kernels.py``) only the input is saved and the backward recomputes
-    the integers; otherwise a short chain of torch ops computes the same values.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: float, qmax: float
     ) -> Tensor:
-        layout = _fused_layout(x, scale, zero_point)
-        ctx.layout, ctx.grid, ctx.has_zero_point = layout, (qmin, qmax), zero_point is not None
-        if layout is not None:
-            kern = kernels.fused()
-            assert kern is not None
-            y = kern.fq_forward(x, _flat(scale), _flat(zero_point), *layout, qmin, qmax)
-            ctx.save_for_backward(x, scale, zero_point)
-            return y
+        ctx.has_zero_point = zero_point is not None
         s = scale.abs().clamp_min(SCALE_EPS)
         t = torch.mul(x, torch.reciprocal(s))  # x * (1/s), exactly as torch's fake-quant kernels
         t.round_()
@@ -155,18 +147,6 @@ class _FakeQuantize(torch.autograd.Function):
         need_s = ctx.needs_input_grad[1]
         need_z = ctx.has_zero_point and ctx.needs_input_grad[2]
         d_scale = d_zero = None
-        if ctx.layout is not None and g.dtype == torch.float32:
-            x, scale, zero_point = ctx.saved_tensors
-            kern = kernels.fused()
-            assert kern is not None
-            dx, d_s, d_z = kern.fq_backward(
-                g, x, _flat(scale), _flat(zero_point), *ctx.layout, *ctx.grid, need_s, need_z
-            )
-            if need_s:
-                d_scale = d_s.reshape(scale.shape)
-            if need_z:
-                d_zero = d_z.reshape(zero_point.shape)
-            return dx, d_scale, d_zero, None, None
         x, scale, zero_point, y, inside, s = ctx.saved_tensors
         dx = g * inside
         if need_s:
@@ -187,22 +167,18 @@ class _FakeQuantize(torch.autograd.Function):
 _EMPTY = torch.empty(0)
 
 
-def _flat(t: Tensor | None) -> Tensor:
-    return _EMPTY if t is None else t.detach().reshape(-1).contiguous()
-
-
 def _fused_layout(x: Tensor, s: Tensor, zero_point: Tensor | None) -> tuple[int, int, int] | None:
     """``(outer, C, inner)`` when the fused kernel applies: float32 CPU contiguous ``x``, and a scale
     that varies along one contiguous block of dimensions (per tensor, channel or group). Never under
     ``torch.compile``: the kernel is a pybind call that dynamo cannot trace (a graph break), and the torch
     ops it replaces give the same values and are what the compiler fuses."""
-    if torch.compiler.is_compiling():
-        return None
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
         return None
-    if s.dtype != torch.float32 or (zero_point is not None and zero_point.shape != s.shape):
+    if s.dtype != torch.float32:
         return None
-    if kernels.fused() is None:
+    if zero_point is not None and (zero_point.shape != s.shape or zero_point.dtype != s.dtype):
+        return None
+    if torch.compiler.is_compiling() or kernels.fused() is None:
         return None
     if s.numel() == 1:
         outer = x.shape[0] if x.dim() > 0 else 1
@@ -255,7 +231,11 @@ def fake_quantize(
     """
     lo, hi = _as_number(qmin), _as_number(qmax)
     z = zero_point_int(zero_point, lo, hi)
-    return _FakeQuantize.apply(x, _as_tensor(scale, x), z, lo, hi)
+    scale = _as_tensor(scale, x)
+    layout = _fused_layout(x, scale, z)
+    if layout is not None:  # one C++ autograd node (kernels.py), no Python in its backward
+        return kernels.fused().fake_quantize(x, scale, _EMPTY if z is None else z, *layout, lo, hi)  # type: ignore[union-attr]
+    return _FakeQuantize.apply(x, scale, z, lo, hi)
 
 
 def quantize_ste(

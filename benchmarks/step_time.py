@@ -16,6 +16,10 @@ LR-QAT (adapters inside the grid, rank 32, int8 fixed-point Φ0) and LR-QAT comp
 and frozen, everything else not quantized frozen, AdamW. The LR-QAT rows also report their ratio over
 the full-QAT step.
 
+``--breakdown`` (CNNs, CPU) measures instead where the extra time goes: weight quantizers alone,
+activation quantizers alone, and each replaced by one learnable multiply, the floor of any per-element
+quantizer (an extra pass over the tensor and an autograd node).
+
 Reports the median step time and its ratio over the float step, for each thread count asked (CPU), on
 the device asked (``--device cuda``: every step ends in a synchronisation).
 
@@ -155,6 +159,59 @@ def bench_cnn(model_name: str, threads: int, args: argparse.Namespace) -> list[l
     return _rows(model_name, threads, contenders, notes, args, base="float")
 
 
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _OneMultiply(nn.Module):
+    """The floor of any learnable fake quantizer: one elementwise multiply by a learnable scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.p
+
+
+def _replace(model: nn.Module, attr: str, make: Callable[[], nn.Module]) -> nn.Module:
+    model = copy.deepcopy(model)
+    for mod in model.modules():
+        if isinstance(getattr(mod, attr, None), Quantizer):
+            setattr(mod, attr, make())
+    return model
+
+
+def bench_breakdown(model_name: str, threads: int, args: argparse.Namespace) -> list[list[object]]:
+    """Where the QAT step's extra time goes: the weight quantizers alone, the activation quantizers alone,
+    and each replaced by one learnable multiply (what any per-element quantizer costs at least)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
+    torch.manual_seed(0)
+    float_model = build_model(model_name)
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), act=QuantSpec(bits=4), first_last_bits=8)
+    quant = lowbit.prepare(copy.deepcopy(float_model), config, calib=[x])
+    models = {
+        "float": float_model,
+        "W4A4 (fused kernel)": quant,
+        "weight quantizers only": _replace(quant, "input_quantizer", _Identity),
+        "weights: one multiply instead": _replace(_replace(quant, "input_quantizer", _Identity), "weight_quantizer",
+                                                  _OneMultiply),
+        "activation quantizers only": _replace(quant, "weight_quantizer", _Identity),
+        "activations: one multiply instead": _replace(_replace(quant, "weight_quantizer", _Identity),
+                                                      "input_quantizer", _OneMultiply),
+    }  # fmt: skip
+
+    def make(m: nn.Module) -> Callable[[], None]:
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        return _stepper(m, lambda m: nn.functional.cross_entropy(m(x), y), opt, _kernel_switch(True),
+                        torch.device("cpu"))  # fmt: skip
+
+    return _rows(model_name, threads, {k: make(m) for k, m in models.items()}, {}, args, base="float")
+
+
 def bench_llm(model_name: str, threads: int, args: argparse.Namespace) -> list[list[object]]:
     from lowbit.llm.models import load_causal_lm
 
@@ -248,15 +305,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--breakdown", action="store_true", help="CNNs: where the extra time goes (CPU)")
+    p.add_argument("--out", type=Path, help=f"default {RESULTS.name}, or step_time_breakdown.md with --breakdown")
     args = p.parse_args(argv)
+    args.out = args.out or RESULTS.with_name("step_time_breakdown.md" if args.breakdown else RESULTS.name)
     device = torch.device(args.device)
     threads_list = args.threads if device.type == "cpu" else [torch.get_num_threads()]
     rows: list[list[object]] = []
     for model_name in args.models:
         for threads in threads_list:
             torch.set_num_threads(threads)
-            new = (bench_llm if model_name in LLMS else bench_cnn)(model_name, threads, args)
+            bench = bench_llm if model_name in LLMS else bench_breakdown if args.breakdown else bench_cnn
+            new = bench(model_name, threads, args)
             rows.extend(new)
             print(markdown_table(["model", "threads", "step", "ms", "/ float", "note"], new), flush=True)
     table = markdown_table(["model", "threads", "step", "median ms", "over float step", "note"], rows)

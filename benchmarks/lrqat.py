@@ -95,8 +95,29 @@ MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "random-llama": "a random LL
 # -- one row: a recipe through the runner --------------------------------------------------------------
 
 
+def _setting(name: str) -> tuple[str, float | None]:
+    """``SETTING`` or ``SETTING-slrX`` (the scale learning rate X for the trained rows, for the paper's search
+    over it): the setting's name in ``SETTINGS`` and the scale learning rate, or None for ``LR``'s."""
+    base, _, slr = name.partition("-slr")
+    if base not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"{name!r}: use one of {sorted(SETTINGS)}, optionally with -slr<lr>")
+    try:
+        value = float(slr) if slr else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name!r}: the scale learning rate after -slr must be a number") from None
+    if value is not None and not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{name!r}: the scale learning rate must be in [0, 1)")
+    return base, value
+
+
+def _setting_arg(name: str) -> str:
+    _setting(name)
+    return name
+
+
 def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     """The recipe mapping of one row: causal_lm defaults, the row's quant section, steps and learning rates."""
+    setting, scale_lr_override = _setting(setting)
     bits, gran, gs = SETTINGS[setting]
     grid = setting.split("-")[0][-1]  # "a": asymmetric (zero point frozen in LR-QAT), "s": stretched (ParetoQ)
     weight: dict[str, Any] | None = {"bits": bits, "granularity": gran, "group_size": gs, "init": "lp",
@@ -116,6 +137,8 @@ def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, An
         lowrank = {**lowrank, "phi": "int"}  # type: ignore[dict-item]
     steps = args.steps if row in TRAINED else 0
     lr, scale_lr = LR.get(row, (0.0, 0.0))
+    if scale_lr_override is not None and row in TRAINED and row != "fp32_ft":
+        scale_lr = scale_lr_override
     return {
         "name": f"benchmark-lrqat-{setting}-{row}",
         "task": "causal_lm",
@@ -316,7 +339,7 @@ def _estimate_mib(r: dict[str, Any], args: argparse.Namespace) -> str:
     dims = _model_dims(args)
     if r["row"] not in TRAINED or dims is None:
         return "–"
-    bits, gran, gs = SETTINGS[r["setting"]] if r["row"] != "fp32_ft" else (4, "channel", None)
+    bits, gran, gs = SETTINGS[_setting(r["setting"])[0]] if r["row"] != "fp32_ft" else (4, "channel", None)
     method = {"fp32_ft": "fp32", "lrqat_int": "lrqat"}.get(r["row"], r["row"])
     try:
         est = estimate_training_memory(
@@ -400,7 +423,8 @@ def _child(args: argparse.Namespace, row: str, setting: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--settings", nargs="+", default=["w4pc", "w3g64"], choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["w4pc", "w3g64"], type=_setting_arg,
+                   help=f"from {sorted(SETTINGS)}, each optionally with -slr<lr>: that scale learning rate")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seq-len", type=int, default=256)

@@ -155,7 +155,9 @@ class Quantizer(nn.Module):
 
     def unview(self, v: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """The inverse of ``view``: ``v`` back in ``shape``, a ragged last group's padding dropped."""
-        if self.granularity == "group" and v.numel() != torch.Size(shape).numel():
+        if self.granularity != "group":  # per tensor or channel: never reshaped (no view node in the graph)
+            return v
+        if v.numel() != torch.Size(shape).numel():
             v = v.reshape(shape[0], -1)[:, : torch.Size(shape[1:]).numel()]
         return v.reshape(shape)
 

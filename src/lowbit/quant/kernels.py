@@ -4,11 +4,12 @@ PyTorch's own fake-quant kernels are not vectorised and a chain of torch ops mak
 each activation, so a fused kernel (parallel over rows on torch's threads) is what keeps a QAT step
 close to a float step on CPU (see ``benchmarks/step_time.py``). It is one C++ autograd node: forward
 and backward run without Python (a Python ``autograd.Function`` cost more per call than the arithmetic
-of a small weight). Its backward has no second derivative: ``torch_ops()`` below gives one. It builds with the system C++ compiler through
-``torch.utils.cpp_extension`` into torch's extension cache (about a minute, once per machine). If it
-cannot be built, or ``LOWBIT_FUSED=0`` is set, lowbit uses the equivalent torch ops: same values, same
-gradients up to float summation order, slower. Code under ``torch.compile`` uses the torch ops too: dynamo
-cannot trace a pybind call, and the compiler fuses those ops itself (``functional._fused_layout``).
+of a small weight). Its backward has no second derivative: ``torch_ops()`` below gives one. It builds
+with the system C++ compiler through ``torch.utils.cpp_extension`` into torch's extension cache (about a
+minute, once per machine). If it cannot be built, or ``LOWBIT_FUSED=0`` is set, lowbit uses the
+equivalent torch ops: same values, same gradients up to float summation order, slower. Code under
+``torch.compile`` uses the torch ops too: dynamo cannot trace a pybind call, and the compiler fuses those
+ops itself (``functional._fused_layout``).
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ class Quantizer(nn.Module):
             return -1, 1  # the integers of the binary grid are -1 and +1 (0 is not one of them)
         if torch.compiler.is_compiling():  # no tensor reads: the kept grid, a constant the graph guards on
             return self.__dict__["_grid"]
-        key = (id(self.bits), self.bits._version, id(self.signed), self.signed._version)
+        bits, signed = self._buffers["bits"], self._buffers["signed"]  # not nn.Module.__getattr__: per call
+        key = (id(bits), bits._version, id(signed), signed._version)
         if self.__dict__.get("_grid_key") != key:
             self._keep_grid(int(self.bits), bool(self.signed))
         return self.__dict__["_grid"]

@@ -468,7 +468,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(r), flush=True)
     order = {k: i for i, k in enumerate(ROWS)}
     results = sorted(done, key=lambda r: ("" if r["row"] in FLOAT_ROWS else r["setting"], order[r["row"]]))
-    results.sort(key=lambda r: -1 if r["row"] in FLOAT_ROWS else list(SETTINGS).index(r["setting"]))
+    names = list(SETTINGS)
+    results.sort(
+        key=lambda r: (-1, "") if r["row"] in FLOAT_ROWS else (names.index(_setting(r["setting"])[0]), r["setting"])
+    )
     if args.table_only and args.out.is_file():  # keep the measured run's header and notes, renew the table
         lines = args.out.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("|"))

@@ -42,15 +42,12 @@ the ``g128`` settings end each row of 576 inputs with a ragged group of 64 (``lo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +56,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RUNS_DIR, machine_line, markdown_table, peak_rss_mb, release_free_memory, reset_peak_rss  # noqa: E402
+from common import RUNS_DIR, machine_line, markdown_table  # noqa: E402
+from lrqat_probe import Probe, memory_mib, reset_peak  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lrqat.md"
 SETTINGS = {  # name: (bits, granularity, group_size); "a": asymmetric grid, "s": stretched, "-kd": + distillation
@@ -169,96 +167,6 @@ def row_recipe(row: str, setting: str, args: argparse.Namespace) -> dict[str, An
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _memory_mib(device: torch.device) -> tuple[float, float]:
-    """(now, peak since the last reset) in MiB: CUDA allocator figures, or RSS / VmHWM on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
-    from common import rss_mb
-
-    return rss_mb(), peak_rss_mb()
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        release_free_memory()
-        if not reset_peak_rss():
-            raise RuntimeError("/proc/self/clear_refs refused: the peak RSS cannot be reset here")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSettings:
-    """The probe's recipe settings: the device whose memory it reads."""
-
-    device: str = "cpu"
-
-
-class Probe:
-    """A QAT method that only measures: step time after warm-up and peak memory while training.
-
-    The loop calls ``step(t)`` after optimizer step ``t`` (1-based), and ``metrics`` when it writes an
-    evaluation row. The peak is reset after step 1 (optimizer state then exists) and read after the last.
-    """
-
-    Settings = ProbeSettings
-    last: Probe | None = None  # the instance of the current run (read by the child after ``run``)
-
-    def __init__(self, total_steps: int, device: str = "cpu") -> None:
-        self.total = total_steps
-        self.device = torch.device(device)
-        self.warm = min(3, total_steps - 1)
-        self.t_warm: float | None = None
-        self.t_end: float | None = None
-        self.resident: float | None = None
-        self.peak: float | None = None
-        self.peak_before = 0.0  # the peak of the run up to the reset (preparation, evaluations)
-        Probe.last = self
-
-    def attach(self, model: torch.nn.Module) -> None:
-        pass
-
-    def loss(self, model: torch.nn.Module, batch: Any, outputs: Any) -> None:
-        return None
-
-    def step(self, step: int) -> None:
-        if step == 1 and self.total >= 2:
-            _sync(self.device)
-            self.peak_before = _memory_mib(self.device)[1]
-            _reset_peak(self.device)
-            self.resident = _memory_mib(self.device)[0]
-        if step == self.warm:
-            _sync(self.device)
-            self.t_warm = time.perf_counter()
-        if step == self.total:
-            _sync(self.device)
-            self.t_end = time.perf_counter()
-            if self.total >= 2:
-                self.peak = _memory_mib(self.device)[1]
-
-    def seconds_per_step(self) -> float | None:
-        if self.t_warm is None or self.t_end is None or self.total <= self.warm:
-            return None
-        return (self.t_end - self.t_warm) / (self.total - self.warm)
-
-    def metrics(self, model: torch.nn.Module) -> dict[str, Any]:
-        return {"probe_seconds_per_step": self.seconds_per_step(), "probe_peak_mib": self.peak,
-                "probe_resident_mib": self.resident}  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 def one_row(args: argparse.Namespace) -> dict[str, Any]:
     """Run one row (in this fresh process) and return its JSONL record."""
     from lowbit.config import recipe_from_dict
@@ -274,9 +182,9 @@ def one_row(args: argparse.Namespace) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     else:
-        _reset_peak(dev)
+        reset_peak(dev)
     summary = run(recipe, run_dir, resume=False, progress=False)
-    run_peak = max(_memory_mib(dev)[1], Probe.last.peak_before if Probe.last else 0.0)
+    run_peak = max(memory_mib(dev)[1], Probe.last.peak_before if Probe.last else 0.0)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     qat = [r for r in rows if r.get("stage") == "qat"][-1]
     trained = summary["steps"] > 0

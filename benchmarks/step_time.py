@@ -124,17 +124,22 @@ def _compiled(
         kernels.set_enabled(True)
 
 
-def bench_cnn(model_name: str, threads: int, args: argparse.Namespace) -> list[list[object]]:
-    device = torch.device(args.device)
+def _cnn_pair(
+    model_name: str, batch_size: int, device: torch.device
+) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The float CNN, its W4A4 copy (first and last layer 8 bit), and a fixed batch ``(x, y)``."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen).to(device)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
+    x = torch.randn(batch_size, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=gen).to(device)
     torch.manual_seed(0)
     float_model = build_model(model_name).to(device)
-    config = QuantConfig(
-        weight=QuantSpec(bits=4, granularity="channel"), act=QuantSpec(bits=4), first_last_bits=8
-    )
-    quant = lowbit.prepare(copy.deepcopy(float_model), config, calib=[x])
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), act=QuantSpec(bits=4), first_last_bits=8)
+    return float_model, lowbit.prepare(copy.deepcopy(float_model), config, calib=[x]), x, y
+
+
+def bench_cnn(model_name: str, threads: int, args: argparse.Namespace) -> list[list[object]]:
+    device = torch.device(args.device)
+    float_model, quant, x, y = _cnn_pair(model_name, args.batch_size, device)
 
     def loss_fn(m: nn.Module) -> torch.Tensor:
         return nn.functional.cross_entropy(m(x), y)
@@ -186,13 +191,7 @@ def _replace(model: nn.Module, attr: str, make: Callable[[], nn.Module]) -> nn.M
 def bench_breakdown(model_name: str, threads: int, args: argparse.Namespace) -> list[list[object]]:
     """Where the QAT step's extra time goes: the weight quantizers alone, the activation quantizers alone,
     and each replaced by one learnable multiply (what any per-element quantizer costs at least)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
-    torch.manual_seed(0)
-    float_model = build_model(model_name)
-    config = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), act=QuantSpec(bits=4), first_last_bits=8)
-    quant = lowbit.prepare(copy.deepcopy(float_model), config, calib=[x])
+    float_model, quant, x, y = _cnn_pair(model_name, args.batch_size, torch.device("cpu"))
     models = {
         "float": float_model,
         "W4A4 (fused kernel)": quant,
